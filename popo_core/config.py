@@ -1,0 +1,274 @@
+"""Typed configuration: the Hydra tree in `experiments/` composed onto these dataclasses.
+
+One name per knob (METHOD.md, "Names"): the dotted path of a field here is the Hydra key, the CLI
+override, the MLflow param and the Optuna parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from popo_core.algos import AGGREGATIONS, REDISTRIBUTIONS
+from popo_core.siamese import MOMENTUM_SCHEDULES, REPRESENTATIONS
+
+
+class ConfigError(ValueError):
+    """A bad setting; the CLI prints it on one line and exits with code 2."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # "tiny" (random-init, built locally), a Hub id or a local directory
+    revision: Optional[str] = None
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    template: str = "plain"  # prompt template, see popo_core.data.TEMPLATES
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+    # Only for name_or_path=tiny: a Qwen2 architecture this small (head size hidden/heads >= 32).
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+
+
+@dataclass
+class DataConfig:
+    task: str = "tiny"  # tiny (synthetic sums, exact match) | math (boxed answers, math-verify)
+    path: Optional[str] = None  # JSONL/JSON/Parquet file or Hugging Face dataset id (task=math)
+    split: str = "train"
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    eval_path: Optional[str] = None  # held-out set for eval/accuracy during training (task=math)
+    eval_split: str = "test"
+    eval_size: Optional[int] = None  # cap on held-out problems (None: all)
+    modulus: int = 10  # tiny task: (a + b) mod modulus with single digits a, b
+    operands: int = 2
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "popo"  # popo | grpo
+    clip_eps: float = 0.2
+    redistribution: str = "uniform"
+    aggregation: str = "seq_mean_token_mean"
+    momentum: float = 0.99
+    momentum_schedule: str = "constant"
+    penalty_weight: float = 0.1
+    representation: str = "mean"
+    predictor: bool = False
+    siamese: bool = True
+    penalty: str = "similarity"  # similarity | kl
+    use_negatives: bool = False
+    epochs: int = 1
+    mini_batches: int = 1
+    scale_std: bool = True
+    adv_eps: float = 1e-6
+    kl_beta: float = 0.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    group_size: int = 8
+    prompts_per_step: int = 32
+    max_new_tokens: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eval_max_new_tokens: Optional[int] = None  # None: max_new_tokens
+    gpu_memory_utilization: float = 0.3  # vllm only
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    seed: int = 0
+    eval_every: int = 50
+    diagnostics_every: int = 25
+    output_dir: Optional[str] = None  # None: runs/<preset>-<algo>-seed<seed>-<time>
+    save_every: int = 100
+    micro_batch_size: int = 256  # completions per forward/backward; groups are never split
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run aborts
+    resume: bool = True  # continue from trainer.output_dir's checkpoint when there is one
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working dir
+    experiment: str = "popo"
+    run_name: Optional[str] = None
+    parent_run_id: Optional[str] = None  # set by sweep/ablate to nest the run
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: $POPO_CONFIG_DIR, else the `experiments/` package."""
+    env = os.environ.get("POPO_CONFIG_DIR")
+    if env:
+        return Path(env)
+    import experiments
+
+    return Path(experiments.__file__).parent
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "preset").glob("*.yaml"))
+
+
+def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose preset + overrides with Hydra, check types and ranges, return a typed Config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if preset not in presets():
+        raise ConfigError(f"unknown preset {preset!r} (choose from: {', '.join(presets())})")
+    for item in overrides:
+        if "=" not in item or item.startswith(("+", "~")):
+            raise ConfigError(f"override {item!r}: expected key=value with an existing key")
+    from hydra.core.config_store import ConfigStore
+
+    # The schema is the first entry of config.yaml's defaults, so every key exists and is typed.
+    ConfigStore.instance().store(name="popo_schema", node=Config)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            raw = hydra_compose("config", overrides=[f"preset={preset}", *overrides])
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except MissingConfigException as err:
+        group, _, name = (err.missing_cfg_file or "").partition("/")
+        raise ConfigError(f"unknown {group} {name!r} (choose from: {', '.join(err.options or [])})") from None
+    except (OmegaConfBaseException, HydraException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        key = getattr(cause, "full_key", None)
+        msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise ConfigError(f"{key}: {msg}" if key else _first_line(err)) from None
+    cfg.preset = preset
+    validate(cfg)
+    return cfg
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(err).__name__
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {rule}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks; each error names its key."""
+    a, r, o, t, d = cfg.algo, cfg.rollout, cfg.optim, cfg.trainer, cfg.data
+    _choice("algo.name", a.name, ("popo", "grpo"))
+    _check(a.clip_eps > 0 and not math.isnan(a.clip_eps), "algo.clip_eps", a.clip_eps, "must be > 0 (inf: no bound)")
+    _choice("algo.redistribution", a.redistribution, REDISTRIBUTIONS)
+    _choice("algo.aggregation", a.aggregation, AGGREGATIONS)
+    _check(0.0 <= a.momentum <= 1.0, "algo.momentum", a.momentum, "must be in [0, 1]")
+    _choice("algo.momentum_schedule", a.momentum_schedule, MOMENTUM_SCHEDULES)
+    _check(a.penalty_weight >= 0.0, "algo.penalty_weight", a.penalty_weight, "must be >= 0")
+    _choice("algo.representation", a.representation, REPRESENTATIONS)
+    _choice("algo.penalty", a.penalty, ("similarity", "kl"))
+    _check(a.epochs >= 1, "algo.epochs", a.epochs, "must be >= 1")
+    _check(a.mini_batches >= 1, "algo.mini_batches", a.mini_batches, "must be >= 1")
+    _check(a.adv_eps >= 0.0, "algo.adv_eps", a.adv_eps, "must be >= 0")
+    _check(a.kl_beta >= 0.0, "algo.kl_beta", a.kl_beta, "must be >= 0")
+    _check(
+        a.mini_batches <= r.prompts_per_step,
+        "algo.mini_batches",
+        a.mini_batches,
+        f"must be <= rollout.prompts_per_step ({r.prompts_per_step}): each step takes whole groups",
+    )
+    _choice("rollout.engine", r.engine, ("hf", "vllm"))
+    _check(r.group_size >= 1, "rollout.group_size", r.group_size, "must be >= 1")
+    if a.name == "grpo" or a.use_negatives:
+        _check(r.group_size >= 2, "rollout.group_size", r.group_size, "must be >= 2 for group-normalised advantages")
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    _check(r.temperature > 0.0, "rollout.temperature", r.temperature, "must be > 0")
+    _check(0.0 < r.top_p <= 1.0, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _check(o.lr > 0.0, "optim.lr", o.lr, "must be > 0")
+    _check(o.max_grad_norm > 0.0, "optim.max_grad_norm", o.max_grad_norm, "must be > 0")
+    _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
+    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
+    _check(t.diagnostics_every >= 0, "trainer.diagnostics_every", t.diagnostics_every, "must be >= 0 (0: never)")
+    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _check(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "must be >= 1")
+    _check(t.max_nonfinite >= 1, "trainer.max_nonfinite", t.max_nonfinite, "must be >= 1")
+    _choice("data.task", d.task, ("tiny", "math"))
+    _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    if d.task == "tiny":
+        _check(d.modulus >= 2, "data.modulus", d.modulus, "must be >= 2")
+        _check(d.operands >= 1, "data.operands", d.operands, "must be >= 1")
+    else:
+        _check(bool(d.path), "data.path", d.path, "task=math needs a training file or Hugging Face dataset id")
+        for key, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+            if value and _looks_local(value) and not Path(value).exists():
+                raise ConfigError(f"{key}={value}: file not found")
+    if cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
+        if not Path(cfg.model.name_or_path).exists():
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: directory not found")
+
+
+def _looks_local(value: str) -> bool:
+    from popo_core.data import looks_like_path
+
+    return Path(value).exists() or looks_like_path(value)
+
+
+def to_flat_dict(cfg: Config) -> dict[str, Any]:
+    """Flatten to {"algo.momentum": 0.99, ...}: the MLflow params and Optuna names."""
+    from dataclasses import asdict
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = node
+
+    walk("", asdict(cfg))
+    return flat
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,138 @@
+"""Model and tokenizer loading: Hub ids, local checkpoints, and the locally built `tiny` pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+TINY_CHARS = string.printable[:95] + "\n\t"  # printable ASCII, newline and tab
+
+
+class ModelLoadError(RuntimeError):
+    """The weights or tokenizer cannot be reached; the CLI reports it on one line."""
+
+
+def build_tiny_tokenizer():
+    """A character-level tokenizer over printable ASCII, built locally (no download)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
+    for ch in TINY_CHARS:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, seed: int = 0):
+    """A random-init Qwen2 causal LM sized for CPU tests (head size hidden_size / num_heads)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if hidden_size % num_heads or hidden_size // num_heads < 32:
+        raise ValueError("tiny model needs hidden_size divisible by num_heads and a head size >= 32 (vLLM's CPU kernels)")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Load a tokenizer; a locally built one (PreTrainedTokenizerFast) is loaded as itself.
+
+    AutoTokenizer on a directory whose config says model_type=qwen2 would return Qwen2's byte-level
+    tokenizer and silently drop characters of a local vocabulary (PITFALLS.md).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if name_or_path == "tiny":
+        return build_tiny_tokenizer()
+    cfg_file = Path(name_or_path) / "tokenizer_config.json"
+    if cfg_file.exists() and json.loads(cfg_file.read_text()).get("tokenizer_class") in (
+        "PreTrainedTokenizerFast",
+        "TokenizersBackend",
+    ):
+        return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, seed: int = 0):
+    """Return (model, tokenizer) for a ModelConfig: `tiny`, a local directory or a Hub id.
+
+    Weights load with safetensors where the checkpoint has them (transformers' default) and
+    remote code runs only with model.trust_remote_code=true.
+    """
+    device = device or resolve_device()
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    name = model_cfg.name_or_path
+    try:
+        tokenizer = load_tokenizer(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        if name == "tiny":
+            model = build_tiny_model(
+                tokenizer,
+                hidden_size=model_cfg.hidden_size,
+                num_layers=model_cfg.num_layers,
+                num_heads=model_cfg.num_heads,
+                seed=seed,
+            ).to(dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            kwargs = {"dtype": dtype, "revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+            if model_cfg.attn_implementation:
+                kwargs["attn_implementation"] = model_cfg.attn_implementation
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model_cfg, "gradient_checkpointing", False):
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(device), tokenizer
+
+
+def save_policy(model, tokenizer, path: str | Path) -> None:
+    """save_pretrained for model and tokenizer, so `popo eval --model DIR` and transformers load it."""
+    path = Path(path)
+    gen = model.generation_config
+    # transformers 5 refuses to save sampling settings alongside do_sample=False (PITFALLS.md).
+    if gen is not None and not gen.do_sample:
+        gen.temperature, gen.top_p, gen.top_k = None, None, None
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,55 @@
+"""Verifiers: reward functions as plain callables over (responses, gold answers).
+
+A verifier returns one Grade per response; reward = float(grade.correct). A timeout or a crash
+while grading is reward 0 and is counted (status), never a hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+STATUSES = ("ok", "unparsed", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Grade:
+    correct: bool
+    extracted: str | None = None
+    status: str = "ok"  # ok | unparsed (no answer found) | timeout | error
+
+
+class Verifier(Protocol):
+    def __call__(self, responses: Sequence[str], golds: Sequence[str]) -> list[Grade]: ...
+
+
+class ExactMatch:
+    """The tiny task's verifier: the completion, stripped of whitespace, equals the answer."""
+
+    def __call__(self, responses: Sequence[str], golds: Sequence[str]) -> list[Grade]:
+        out = []
+        for response, gold in zip(responses, golds, strict=True):
+            text = response.strip()
+            out.append(Grade(text == gold.strip(), text or None, "ok" if text else "unparsed"))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def make_verifier(task: str, **kwargs) -> Verifier:
+    """`tiny` -> exact match; `math` -> math-verify in a process pool (popo_core.grading)."""
+    if task == "tiny":
+        return ExactMatch()
+    if task == "math":
+        from popo_core.grading import MathVerifier
+
+        return MathVerifier(**kwargs)
+    raise ValueError(f"unknown task {task!r} (tiny | math)")
+
+
+def grade_counts(grades: Sequence[Grade]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for g in grades:
+        counts[g.status] += 1
+    return counts

@@ -1,0 +1,156 @@
+"""The MLflow adapter: the only module that imports mlflow.
+
+Runs are written through MlflowClient (no global active run), so a sweep can hold a parent run
+open while trials log nested runs. SQLite stores shared by several processes can answer
+"database is locked": every write is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+T = TypeVar("T")
+DEFAULT_URI = "sqlite:///mlflow.db"
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|apikey|credential)", re.I)
+_URL_PASSWORD = re.compile(r"(//[^:/@]+:)[^@/]+@")
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """uri, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params safe to log: secret-looking keys dropped, passwords in URLs masked."""
+    out = {}
+    for key, value in params.items():
+        if _SECRET_KEY.search(key):
+            continue
+        out[key] = _URL_PASSWORD.sub(r"\1***@", str(value))[:6000]
+    return out
+
+
+def _retry(fn: Callable[[], T], tries: int = 8) -> T:
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as err:  # sqlite "database is locked" surfaces as several types
+            if "locked" not in str(err).lower() and "busy" not in str(err).lower() or attempt == tries - 1:
+                raise
+            time.sleep(min(0.1 * 2**attempt, 3.0))
+    raise AssertionError("unreachable")
+
+
+def client(uri: str | None = None):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # after import: mlflow sets its own levels on import
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def experiment_id(mlflow_client, name: str) -> str:
+    exp = _retry(lambda: mlflow_client.get_experiment_by_name(name))
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return _retry(lambda: mlflow_client.create_experiment(name))
+    except Exception:  # another process created it first
+        return _retry(lambda: mlflow_client.get_experiment_by_name(name)).experiment_id
+
+
+class Run:
+    """One MLflow run: params, batched metrics, artifacts. Use as a context manager."""
+
+    def __init__(
+        self,
+        *,
+        uri: str | None = None,
+        experiment: str = "popo",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.run_id = run_id
+        if not enabled:
+            return
+        self.client = client(uri)
+        if run_id is None:
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            exp_id = experiment_id(self.client, experiment)
+            run = _retry(lambda: self.client.create_run(exp_id, run_name=run_name, tags=all_tags))
+            self.run_id = run.info.run_id
+        else:
+            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        self.finish(status)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in redact(params).items()]
+        existing = _retry(lambda: self.client.get_run(self.run_id)).data.params
+        items = [p for p in items if p.key not in existing]  # a resumed run keeps its params
+        for start in range(0, len(items), 100):
+            _retry(lambda: self.client.log_batch(self.run_id, params=items[start : start + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for start in range(0, len(items), 500):
+            _retry(lambda: self.client.log_batch(self.run_id, metrics=items[start : start + 500]))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        for k, v in tags.items():
+            _retry(lambda: self.client.set_tag(self.run_id, k, str(v)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_text(self, text: str, name: str) -> None:
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.log_artifact(path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            _retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def find_runs(uri: str | None, experiment: str, filter_string: str = "", max_results: int = 1000) -> list:
+    """Runs of an experiment matching an MLflow filter string (empty list if none)."""
+    c = client(uri)
+    exp = _retry(lambda: c.get_experiment_by_name(experiment))
+    if exp is None:
+        return []
+    return _retry(lambda: c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results))
