@@ -84,11 +84,12 @@ def similarity_penalty(
         target = (target * fmask[..., None]).sum(1) / lengths[:, None]
         if predictor is not None:
             online = predictor(online).to(dtype)
-        distance = 1.0 - F.cosine_similarity(online, target, dim=-1)
+        # Section 3: D in [0, 2]; clamp the rounding of 1 - cos (it reaches 2 + 2e-7 in float32).
+        distance = (1.0 - F.cosine_similarity(online, target, dim=-1)).clamp(0.0, 2.0)
     else:
         if predictor is not None:
             online = predictor(online).to(dtype)
-        per_token = 1.0 - F.cosine_similarity(online, target, dim=-1)
+        per_token = (1.0 - F.cosine_similarity(online, target, dim=-1)).clamp(0.0, 2.0)
         distance = (per_token * fmask).sum(-1) / lengths
     loss = distance.sum() / (n if n_positives is None else n_positives)
     return loss, {"penalty/similarity": float(distance.detach().mean())}

@@ -20,7 +20,7 @@ from popo_core.algos import grpo_loss, group_advantages, popo_loss
 F64 = torch.float64
 SEEDS = [0, 1, 2, 3]
 # Garbage that padding may hold: log-probs of pad tokens, huge values, values whose exp overflows.
-GARBAGE = (1e30, -1e30, 3e4, -3e4, 88.0, -700.0)
+GARBAGE = (1e30, -1e30, 3e4, -3e4, 88.0, -700.0, float("inf"), -float("inf"), float("nan"))
 REDISTRIBUTIONS = ["uniform", "self_normalized", "none"]
 AGGREGATIONS = ["seq_mean_token_mean", "token_mean"]
 EPSILONS = [0.2, float("inf")]
@@ -444,7 +444,7 @@ def test_popo_micro_batches_match_whole_batch(seed, redistribution, aggregation,
         loss, _ = popo_loss(lp[idx], m.old, m.mask, m.rewards, m.gids, **kw, **norm)
         if loss.requires_grad:
             loss.backward()  # gradient accumulation, one micro-batch at a time
-        total += float(loss)
+        total += float(loss.detach())
         naive_total += float(popo_loss(m.lp, m.old, m.mask, m.rewards, m.gids, **kw)[0])
     assert close(total, whole_loss)
     assert torch.allclose(lp.grad, whole_grad, rtol=1e-9, atol=1e-14)
@@ -561,9 +561,9 @@ def test_group_advantages_match_reference(seed, scale_std, adv_eps):
 def test_group_advantages_known_values():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=F64)
     gids = torch.tensor([7, 7, 7, 7, 3, 3])
-    adv = group_advantages(rewards, gids, adv_eps=0.0)
+    adv = group_advantages(rewards, gids, adv_eps=1e-12)
     # Group 7: mean 1/4, unbiased std sqrt(((3/4)^2 + 3 (1/4)^2) / 3) = 1/2.
-    assert torch.allclose(adv, torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0], dtype=F64))
+    assert torch.allclose(adv, torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0], dtype=F64), rtol=1e-9, atol=0)
     assert torch.allclose(group_advantages(rewards, gids, scale_std=False), torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0], dtype=F64))
 
 
@@ -619,7 +619,7 @@ def test_grpo_reference_rejects_wrong_variants(aggregation, kl_beta, adv_eps, wr
     if wrong == "biased_std":
         rkw["biased_std"] = True
     elif wrong == "adv_eps_ignored":
-        rkw["adv_eps"] = 0.0
+        rkw["adv_eps"] = 1e-6
     elif wrong == "other_aggregation":
         rkw["aggregation"] = "token_mean" if aggregation == "seq_mean_token_mean" else "seq_mean_token_mean"
     elif wrong == "unclipped":
@@ -652,7 +652,7 @@ def test_grpo_micro_batches_match_whole_batch(seed, scale_std, aggregation, kl_b
         m = b.rows(part)
         loss, _ = grpo_loss(lp[idx], m.old, m.mask, m.rewards, m.gids, ref_logprobs=m.ref, **kw, **norm)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
         naive_total += float(grpo_loss(m.lp, m.old, m.mask, m.rewards, m.gids, ref_logprobs=m.ref, **kw)[0])
     assert close(total, whole_loss)
     assert torch.allclose(lp.grad, whole_grad, rtol=1e-9, atol=1e-14)
