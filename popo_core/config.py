@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from popo_core.algos import AGGREGATIONS, REDISTRIBUTIONS
-from popo_core.siamese import MOMENTUM_SCHEDULES, REPRESENTATIONS
+from popo_core.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A bad setting; the CLI prints it on one line and exits with code 2."""
+# Mirrors of the choices in popo_core.algos / popo_core.siamese (tested equal there), kept here so
+# composing a config does not import torch and `popo --help` stays fast.
+REDISTRIBUTIONS = ("uniform", "self_normalized", "none")
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+REPRESENTATIONS = ("mean", "token")
 
 
 @dataclass

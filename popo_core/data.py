@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from popo_core.errors import DataError
+
 TEMPLATES = {
     "plain": "{problem}",
     # Qwen2.5-Math's chat template with the CoT system prompt, as used by SimpleRL-Zoo and
@@ -17,10 +19,6 @@ TEMPLATES = {
         "<|im_end|>\n<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n"
     ),
 }
-
-
-class DataError(ValueError):
-    """Unreadable or malformed data; the CLI reports it on one line with exit code 2."""
 
 
 @dataclass(frozen=True)

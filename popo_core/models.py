@@ -9,15 +9,13 @@ from pathlib import Path
 
 import torch
 
+from popo_core.errors import ModelLoadError
+
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TINY_CHARS = string.printable[:95] + "\n\t"  # printable ASCII, newline and tab
-
-
-class ModelLoadError(RuntimeError):
-    """The weights or tokenizer cannot be reached; the CLI reports it on one line."""
 
 
 def build_tiny_tokenizer():

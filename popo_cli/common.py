@@ -1,0 +1,58 @@
+"""What every command shares: one-line errors with exit code 2, and the console."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn bad input or config into `error: ...` on one line and exit code 2, no traceback."""
+    from popo_core.errors import UserError
+
+    try:
+        yield
+    except UserError as err:
+        fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130)
+
+
+def split_preset(preset: str | None, overrides: list[str] | None, default: str = "tiny") -> tuple[str, list[str]]:
+    """`popo train algo=grpo` means the default preset with an override."""
+    overrides = list(overrides or [])
+    if preset and "=" in preset:
+        return default, [preset, *overrides]
+    return preset or default, overrides
+
+
+def preset_help() -> str:
+    from popo_core.config import presets
+
+    return "Preset (a complete experiment): " + ", ".join(presets()) + "."
+
+
+def setup_env() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.warnoptions:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)

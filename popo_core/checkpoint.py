@@ -1,0 +1,94 @@
+"""Atomic checkpoints: a run killed at any moment resumes from its last complete checkpoint.
+
+A checkpoint is written to `checkpoint.tmp/` and swapped in with renames, so `checkpoint/` is always
+whole. Tensors are stored with safetensors or loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT = "checkpoint"
+
+
+def _float_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save(
+    output_dir: Path,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    momentum=None,
+    predictor=None,
+) -> Path:
+    from safetensors.torch import save_file
+
+    from popo_core.models import save_policy
+
+    final, tmp, old = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.tmp", output_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_policy(model, tokenizer, tmp / "policy")
+    if momentum is not None:
+        # Tied weights share storage; safetensors wants each tensor once, so clone.
+        save_file({k: v.clone() for k, v in _float_state(momentum).items()}, tmp / "momentum.safetensors")
+    if predictor is not None:
+        save_file(_float_state(predictor), tmp / "predictor.safetensors")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def exists(output_dir: Path) -> bool:
+    path = output_dir / CHECKPOINT
+    if not path.exists() and (output_dir / f"{CHECKPOINT}.old").exists():
+        # Killed between the two renames: the previous checkpoint is whole.
+        (output_dir / f"{CHECKPOINT}.old").rename(path)
+    return (path / "state.json").exists()
+
+
+def load_state(output_dir: Path) -> dict[str, Any]:
+    return json.loads((output_dir / CHECKPOINT / "state.json").read_text())
+
+
+def restore(output_dir: Path, *, model, optimizer, scheduler, momentum=None, predictor=None) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and RNG state in place; return the trainer state."""
+    from safetensors.torch import load_file
+
+    path = output_dir / CHECKPOINT
+    device = next(model.parameters()).device
+    policy: dict[str, torch.Tensor] = {}
+    for shard in sorted((path / "policy").glob("*.safetensors")):
+        policy.update(load_file(str(shard), device=str(device)))
+    # strict=False: tied output embeddings are saved once, under the input embedding's name.
+    unexpected = model.load_state_dict(policy, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: unexpected keys {unexpected[:3]}")
+    if momentum is not None:
+        momentum.load_state_dict(load_file(str(path / "momentum.safetensors"), device=str(device)))
+    if predictor is not None:
+        predictor.load_state_dict(load_file(str(path / "predictor.safetensors"), device=str(device)))
+    blob = torch.load(path / "optim.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"]["cpu"].cpu())
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in blob["rng"]["cuda"]])
+    return load_state(output_dir)
