@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from popo_cli import evaluate as eval_cmd
 from popo_cli import train as train_cmd
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ def main() -> None:
 
 
 app.command("train", help=train_cmd._doc())(train_cmd.train)
+app.command("eval")(eval_cmd.eval_cmd)
 
 
 if __name__ == "__main__":

@@ -239,9 +239,9 @@ def validate(cfg: Config) -> None:
         _check(d.operands >= 1, "data.operands", d.operands, "must be >= 1")
     else:
         _check(bool(d.path), "data.path", d.path, "task=math needs a training file or Hugging Face dataset id")
-        for key, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-            if value and _looks_local(value) and not Path(value).exists():
-                raise ConfigError(f"{key}={value}: file not found")
+    for key, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+        if value and _looks_local(value) and not Path(value).exists():
+            raise ConfigError(f"{key}={value}: file not found")
     if cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
         if not Path(cfg.model.name_or_path).exists():
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: directory not found")

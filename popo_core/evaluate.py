@@ -1,15 +1,20 @@
 """The benchmark pass: generate for a list of problems, grade, and summarise.
 
-`popo train` calls `evaluate_problems` for its held-out checks; `popo eval` builds on it.
+`popo train` calls `evaluate_problems` for its held-out checks; `popo eval` builds on it. The
+metrics are pure functions of per-problem correctness, tested against independent computations.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from popo_core.data import Problem, render
-from popo_core.rewards import Grade, Verifier
+from popo_core.rewards import Grade, Verifier, grade_counts
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 @dataclass
@@ -38,6 +43,8 @@ def evaluate_problems(
     greedy: bool = True,
     batch_prompts: int = 64,
     progress: Callable[[int], None] | None = None,
+    normalize: str | None = None,
+    grade_progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
     """Generate `samples` responses per problem (greedy by default) and grade them."""
     responses: list[list[str]] = []
@@ -50,17 +57,157 @@ def evaluate_problems(
         responses.extend(out.texts[i * samples : (i + 1) * samples] for i in range(len(chunk)))
         if progress:
             progress(len(chunk))
-    return grade_responses(problems, responses, verifier)
+    return grade_responses(problems, responses, verifier, normalize=normalize, progress=grade_progress)
 
 
-def grade_responses(problems: Sequence[Problem], responses: Sequence[Sequence[str]], verifier: Verifier) -> EvalReport:
+def grade_responses(
+    problems: Sequence[Problem],
+    responses: Sequence[Sequence[str]],
+    verifier: Verifier,
+    *,
+    normalize: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvalReport:
+    """Grade responses[i] (any number of samples) against problems[i].answer.
+
+    `normalize` and `progress` are passed to verifiers that take them (MathVerifier)."""
     flat = [r for rs in responses for r in rs]
-    golds = [p.answer for p, rs in zip(problems, responses) for _ in rs]
-    grades_flat = verifier(flat, golds)
+    golds = [p.answer for p, rs in zip(problems, responses, strict=True) for _ in rs]
+    extra = {k: v for k, v in (("normalize", normalize), ("progress", progress)) if v is not None}
+    grades_flat = verifier(flat, golds, **extra)
     grades, i = [], 0
     for rs in responses:
         grades.append(grades_flat[i : i + len(rs)])
         i += len(rs)
-    correct = [g.correct for gs in grades for g in gs]
-    metrics = {"accuracy": sum(correct) / max(len(correct), 1)}
+    per_problem = [sum(g.correct for g in gs) / len(gs) for gs in grades if gs]
+    metrics = {"accuracy": sum(per_problem) / max(len(per_problem), 1)}
     return EvalReport(list(problems), [list(r) for r in responses], grades, metrics)
+
+
+# --------------------------------------------------------------------------------- the metrics
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, eq. 1):
+    1 - C(n-c, k) / C(n, k), computed as a product so large n does not overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def k_values(samples: int) -> list[int]:
+    """1, 2, 4, ... up to `samples`, and `samples` itself."""
+    ks = [1 << j for j in range(samples.bit_length()) if 1 << j <= samples]
+    return ks if ks[-1] == samples else ks + [samples]
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> float:
+    """maj@K for one problem: is the most frequent answer correct?
+
+    Correct answers count as one answer (each equals the gold, so they equal each other); a wrong
+    answer is identified by its extracted text with whitespace removed; unparsed answers (None) do
+    not vote. A tie between the top answers counts as the chance that a uniform tie-break picks a
+    correct one (1/2 for a correct answer tied with one wrong answer).
+    """
+    votes: Counter[str] = Counter()
+    for answer, ok in zip(answers, correct, strict=True):
+        if ok:
+            votes["\0correct"] += 1
+        elif answer is not None:
+            votes["".join(answer.split())] += 1
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    leaders = [key for key, count in votes.items() if count == top]
+    return float("\0correct" in leaders) / len(leaders)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(values: Sequence[float], *, rounds: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling `values` (one per problem)."""
+    import numpy as np
+
+    if len(values) == 0:
+        return (0.0, 1.0)
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(rounds, len(data)))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return (float(lo), float(hi))
+
+
+@dataclass
+class BenchmarkSummary:
+    bench: str
+    n: int  # problems graded (with at least one response)
+    missing: int  # benchmark problems with no response
+    samples: int  # K: responses per problem (the fewest, if a responses file is uneven)
+    accuracy: float  # mean over problems of the fraction of correct samples (pass@1)
+    accuracy_ci: tuple[float, float]
+    ci_method: str  # wilson (one sample per problem) | bootstrap (over problems)
+    pass_at_k: dict[int, float]
+    maj_at_k: float
+    graded: int  # responses math-verify compared
+    unparsed: int
+    timeouts: int
+    errors: int
+
+    def to_json(self) -> dict:
+        return {
+            "bench": self.bench,
+            "n": self.n,
+            "missing": self.missing,
+            "samples": self.samples,
+            "accuracy": self.accuracy,
+            "accuracy_ci": list(self.accuracy_ci),
+            "accuracy_ci_method": self.ci_method,
+            "pass@k": {str(k): v for k, v in self.pass_at_k.items()},
+            f"maj@{self.samples}": self.maj_at_k,
+            "graded": self.graded,
+            "unparsed": self.unparsed,
+            "timeouts": self.timeouts,
+            "errors": self.errors,
+        }
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """MLflow metric names cannot hold `@`: <bench>/pass_at_<k>, <bench>/maj_at_<K>."""
+        b = self.bench
+        out = {f"{b}/accuracy": self.accuracy, f"{b}/accuracy_ci_low": self.accuracy_ci[0],
+               f"{b}/accuracy_ci_high": self.accuracy_ci[1]}
+        out |= {f"{b}/pass_at_{k}": v for k, v in self.pass_at_k.items()}
+        out |= {f"{b}/maj_at_{self.samples}": self.maj_at_k, f"{b}/n": self.n, f"{b}/missing": self.missing,
+                f"{b}/unparsed": self.unparsed, f"{b}/timeouts": self.timeouts, f"{b}/errors": self.errors}
+        return out
+
+
+def summarize(report: EvalReport, bench: str = "", *, missing: int = 0, seed: int = 0) -> BenchmarkSummary:
+    """The benchmark's metrics from graded responses (problems without responses are not in `report`)."""
+    grades = [gs for gs in report.grades if gs]
+    n = len(grades)
+    samples = min((len(gs) for gs in grades), default=0)
+    per_problem = [sum(g.correct for g in gs) / len(gs) for gs in grades]
+    accuracy = sum(per_problem) / n if n else 0.0
+    if samples <= 1 and all(len(gs) == 1 for gs in grades):
+        ci, method = wilson_interval(sum(int(p) for p in per_problem), n), "wilson"
+    else:
+        ci, method = bootstrap_interval(per_problem, seed=seed), "bootstrap"
+    ks = k_values(samples) if samples else []
+    passes = {k: sum(pass_at_k(len(gs), sum(g.correct for g in gs), k) for gs in grades) / n for k in ks}
+    maj = sum(majority_correct([g.extracted for g in gs], [g.correct for g in gs]) for gs in grades) / n if n else 0.0
+    counts = grade_counts([g for gs in grades for g in gs])
+    return BenchmarkSummary(
+        bench=bench, n=n, missing=missing, samples=samples, accuracy=accuracy, accuracy_ci=ci, ci_method=method,
+        pass_at_k=passes, maj_at_k=maj, graded=counts["ok"], unparsed=counts["unparsed"], timeouts=counts["timeout"],
+        errors=counts["error"],
+    )

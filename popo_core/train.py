@@ -411,6 +411,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)) if ok else float("nan")
         if ok and math.isfinite(grad_norm):
             self.optimizer.step()
+            self.scheduler.step()
             self.state["nonfinite"] = 0
             for weight, m in stats:
                 for k, v in m.items():
@@ -426,7 +427,6 @@ class Trainer:
                         "lower optim.lr or check the model's dtype"
                     )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         self.state["updates"] += 1
         if self.momentum_net is not None:
             m = momentum_at(self.state["updates"], self.total_updates, a.momentum, a.momentum_schedule)

@@ -1,0 +1,321 @@
+"""One `popo eval` run: pick benchmarks, generate (or read responses), grade, summarise, write, log.
+
+The CLI parses flags into EvalSettings and renders the result; everything a test would want to
+check lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from popo_core import benchmarks as bm
+from popo_core.data import TEMPLATES, Problem
+from popo_core.errors import ConfigError, DataError, ModelLoadError
+from popo_core.evaluate import BenchmarkSummary, EvalReport, evaluate_problems, grade_responses, summarize
+
+# progress(description, total) -> advance(n)
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class EvalSettings:
+    benches: list[str]
+    data: str | None = None
+    model: str | None = None
+    responses: str | None = None
+    template: str | None = None  # None: the model preset's (or the checkpoint run's) template
+    engine: str = "hf"
+    samples: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 3000
+    limit: int | None = None
+    workers: int | None = None  # None: min(4, cpu count)
+    timeout: int = 5
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    batch_prompts: int = 64
+    output: str | None = None
+    run_id: str | None = None  # a training run to nest under
+    tracking: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "popo"
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def validate(s: EvalSettings) -> None:
+    """Each error names its flag."""
+    if (s.model is None) == (s.responses is None):
+        raise ConfigError("give exactly one of --model (generate) or --responses FILE (grade existing responses)")
+    if s.samples < 1:
+        raise ConfigError(f"--samples {s.samples}: must be >= 1")
+    if s.temperature < 0:
+        raise ConfigError(f"--temperature {s.temperature}: must be >= 0 (0: greedy)")
+    if s.samples > 1 and s.greedy and s.model is not None:
+        raise ConfigError(f"--samples {s.samples} with greedy decoding repeats one response; set --temperature > 0")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"--top-p {s.top_p}: must be in (0, 1]")
+    if s.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {s.max_new_tokens}: must be >= 1")
+    if s.limit is not None and s.limit < 1:
+        raise ConfigError(f"--limit {s.limit}: must be >= 1")
+    if s.workers is not None and s.workers < 0:
+        raise ConfigError(f"--workers {s.workers}: must be >= 0 (0: grade in this process)")
+    if s.timeout < 1:
+        raise ConfigError(f"--timeout {s.timeout}: must be a whole number of seconds >= 1")
+    if s.template is not None and s.template not in TEMPLATES:
+        raise ConfigError(f"--template {s.template}: unknown (choose from: {', '.join(TEMPLATES)})")
+    if s.engine not in ("hf", "vllm"):
+        raise ConfigError(f"--engine {s.engine}: must be hf or vllm")
+    if s.threads is not None and s.threads < 1:
+        raise ConfigError(f"--threads {s.threads}: must be >= 1")
+
+
+# ------------------------------------------------------------------------------------ the model
+def model_presets() -> list[str]:
+    from popo_core.config import config_dir
+
+    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+
+
+def resolve_model(spec: str, template: str | None = None):
+    """(ModelConfig, template) for a model preset name, a local checkpoint directory or a Hub id.
+
+    A checkpoint written by `popo train` takes its template from the run's config.yaml (in the
+    directory, or two levels up for checkpoint/policy); failing that, `plain`.
+    """
+    from omegaconf import OmegaConf
+
+    from popo_core.config import ModelConfig, config_dir
+    from popo_core.data import looks_like_path
+
+    if spec in model_presets():
+        raw = OmegaConf.load(config_dir() / "model" / f"{spec}.yaml")
+        cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))  # type: ignore[assignment]
+    elif Path(spec).is_dir():
+        cfg = ModelConfig(name_or_path=spec)
+        for run_config in (Path(spec) / "config.yaml", Path(spec).parent / "config.yaml", Path(spec).parent.parent / "config.yaml"):
+            if run_config.is_file():
+                saved = OmegaConf.load(run_config).get("model", {})
+                cfg.template = saved.get("template", cfg.template)
+                cfg.dtype = saved.get("dtype", cfg.dtype)
+                break
+        if not (Path(spec) / "config.json").is_file():
+            raise ModelLoadError(f"--model {spec}: directory has no config.json (not a saved model)")
+    elif looks_like_path(spec):
+        raise ModelLoadError(f"--model {spec}: not a model preset ({', '.join(model_presets())}), a directory, or a Hub id")
+    else:
+        cfg = ModelConfig(name_or_path=spec)
+    if template is not None:
+        cfg.template = template
+    return cfg
+
+
+# ----------------------------------------------------------------------------------- protocol
+@dataclass
+class Protocol:
+    source: str  # "model <name>" or "responses <file>"
+    template: str | None
+    sampling: str
+    max_new_tokens: int | None
+    extraction: str
+    grader: str
+    ci: str
+
+    def lines(self) -> list[str]:
+        gen = (f"template {self.template}; {self.sampling}; max_new_tokens {self.max_new_tokens}"
+               if self.template is not None else "generation settings: those of the responses file")
+        return [f"source: {self.source}; {gen}", f"extraction: {self.extraction}; grader: {self.grader}", f"CI: {self.ci}"]
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def make_protocol(s: EvalSettings, grader: str, template: str | None) -> Protocol:
+    sampling = ("greedy (temperature 0)" if s.greedy else f"sampling temperature {s.temperature}, top_p {s.top_p}")
+    sampling += f", {s.samples} sample{'s' if s.samples > 1 else ''} per problem"
+    source = f"model {s.model}" if s.model else f"responses {s.responses}"
+    return Protocol(
+        source=source,
+        template=template if s.model else None,
+        sampling=sampling if s.model else "from the responses file",
+        max_new_tokens=s.max_new_tokens if s.model else None,
+        extraction=_extraction(),
+        grader=f"{grader}; gold/answer normalised per benchmark",
+        ci="95% Wilson interval (one sample per problem), else percentile bootstrap over problems (2000 rounds)",
+    )
+
+
+def _extraction() -> str:
+    from popo_core.grading import EXTRACTION
+
+    return EXTRACTION
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class BenchResult:
+    bench: bm.Benchmark
+    source: str
+    report: EvalReport
+    summary: BenchmarkSummary
+
+
+@dataclass
+class EvalResult:
+    protocol: Protocol
+    results: list[BenchResult] = field(default_factory=list)
+    run_id: str | None = None
+    output: Path | None = None
+
+
+def _no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalResult:
+    validate(s)
+    benches = bm.resolve(s.benches)
+    if s.data and len(benches) > 1:
+        raise ConfigError("--data FILE replaces one benchmark's problems; give a single --bench with it")
+    problem_sets = {b.name: bm.load(b, s.data) for b in benches}
+    responses = bm.read_responses(s.responses) if s.responses else None
+    if responses is not None:
+        names = {r.bench for r in responses if r.bench is not None}
+        unknown = sorted(names - set(bm.BENCHMARKS))
+        if unknown:
+            raise DataError(f"{s.responses}: unknown bench {unknown[0]!r} (choose from: {', '.join(bm.BENCHMARKS)})")
+
+    from popo_core.grading import MathVerifier
+
+    with MathVerifier(workers=s.workers, timeout=s.timeout) as verifier:
+        model = _Model(s) if s.model else None
+        result = EvalResult(make_protocol(s, verifier.describe(), model.template if model else None))
+        for bench in benches:
+            every = problem_sets[bench.name]
+            problems = every[: s.limit] if s.limit else every
+            if responses is not None:
+                kept, texts, missing = bm.match_responses(
+                    bench, problems, responses, several=len(benches) > 1, all_ids={p.id for p in every},
+                    path=str(s.responses))
+                grade_bar = progress(f"grade {bench.name}", sum(len(t) for t in texts))
+                report = grade_responses(kept, texts, verifier, normalize=bench.normalize, progress=grade_bar)
+            else:
+                missing = 0
+                report = model.evaluate(bench, problems, verifier, progress)
+            summary = summarize(report, bench.name, missing=missing, seed=s.seed)
+            result.results.append(BenchResult(bench, bm.source(bench, s.data), report, summary))
+    if s.output:
+        result.output = write_outputs(result, Path(s.output))
+    if s.tracking:
+        result.run_id = log_to_mlflow(s, result)
+    return result
+
+
+class _Model:
+    """The model and its generation engine, loaded once for all benchmarks."""
+
+    def __init__(self, s: EvalSettings):
+        import torch
+
+        from popo_core.models import load_model_and_tokenizer, resolve_device
+        from popo_core.rollout import make_engine
+
+        self.s = s
+        cfg = resolve_model(s.model, s.template)  # type: ignore[arg-type]
+        self.template = cfg.template
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        try:
+            device = resolve_device(s.device)
+        except RuntimeError as err:
+            raise ConfigError(f"--device {s.device}: {err}") from None
+        model, self.tokenizer = load_model_and_tokenizer(cfg, device=device, seed=s.seed)
+        model.eval()
+        try:
+            self.engine = make_engine(s.engine, model, self.tokenizer)
+        except ImportError as err:
+            raise ConfigError(f"--engine {s.engine}: not available here ({err})") from None
+
+    def evaluate(self, bench: bm.Benchmark, problems: list[Problem], verifier, progress: ProgressFactory) -> EvalReport:
+        """The trainer's held-out evaluation (evaluate_problems), with the benchmark's normaliser."""
+        import torch
+
+        s = self.s
+        torch.manual_seed(s.seed)
+        gen_bar = progress(f"generate {bench.name}", len(problems))
+        grade_bar = progress(f"grade {bench.name}", len(problems) * s.samples)
+        return evaluate_problems(
+            self.engine, self.tokenizer, problems, verifier, template=self.template, samples=s.samples,
+            temperature=1.0 if s.greedy else s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+            greedy=s.greedy, batch_prompts=s.batch_prompts, progress=gen_bar, normalize=bench.normalize,
+            grade_progress=grade_bar,
+        )
+
+
+# -------------------------------------------------------------------------------------- output
+def summary_json(result: EvalResult) -> list[dict]:
+    """One object per benchmark, each with the protocol it was measured under."""
+    return [r.summary.to_json() | {"source": r.source, "protocol": result.protocol.to_json()} for r in result.results]
+
+
+def write_outputs(result: EvalResult, out: Path) -> Path:
+    """summary.json and samples.jsonl (one line per response) under `out`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary_json(result), indent=1) + "\n")
+        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+            for r in result.results:
+                for problem, texts, grades in zip(r.report.problems, r.report.responses, r.report.grades):
+                    for k, (text, grade) in enumerate(zip(texts, grades)):
+                        f.write(json.dumps({
+                            "bench": r.bench.name, "id": problem.id, "sample": k, "response": text,
+                            "extracted": grade.extracted, "gold": problem.answer, "correct": grade.correct,
+                            "status": grade.status,
+                        }, ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise DataError(f"--output {out}: cannot write ({err.strerror or err})") from None
+    return out
+
+
+def log_to_mlflow(s: EvalSettings, result: EvalResult) -> str:
+    """An eval run (a child of --run-id when given): params, <bench>/... metrics, summary.json."""
+    from popo_core.tracking import Run, client
+
+    experiment = s.experiment
+    if s.run_id:
+        c = client(s.tracking_uri)
+        try:
+            parent = c.get_run(s.run_id)
+        except Exception:  # MlflowException for an unknown id
+            raise DataError(f"--run-id {s.run_id}: no such MLflow run in the tracking store") from None
+        experiment = c.get_experiment(parent.info.experiment_id).name
+    p = result.protocol
+    params = {"eval.benches": ",".join(r.bench.name for r in result.results), "eval.source": p.source,
+              "eval.template": p.template, "eval.sampling": p.sampling, "eval.samples": s.samples,
+              "eval.temperature": s.temperature, "eval.top_p": s.top_p, "eval.max_new_tokens": p.max_new_tokens,
+              "eval.limit": s.limit, "eval.extraction": p.extraction, "eval.grader": p.grader, "eval.seed": s.seed}
+    name = f"eval-{Path(s.model).name if s.model else Path(s.responses or '').stem}"
+    with Run(uri=s.tracking_uri, experiment=experiment, run_name=name, parent_run_id=s.run_id,
+             tags={"popo.kind": "eval"}) as run:
+        run.log_params(params)
+        metrics: dict[str, float] = {}
+        for r in result.results:
+            metrics |= r.summary.mlflow_metrics()
+        run.log_metrics(metrics, step=0)
+        if result.output is not None:
+            run.log_artifact(result.output / "summary.json")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "summary.json"
+                path.write_text(json.dumps(summary_json(result), indent=1) + "\n")
+                run.log_artifact(path)
+        return run.run_id  # type: ignore[return-value]

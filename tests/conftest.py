@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BENCH = SHARED / "bench"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A clean working directory with its own MLflow store, so tests never write into the repo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path
+
+
+def run_popo(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real entry point, in a subprocess."""
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "popo_cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+def tiny_overrides(tmp: Path, **extra) -> list[str]:
+    """A few-second tiny run: small batches, few steps."""
+    base = {
+        "trainer.output_dir": str(tmp / "run"),
+        "trainer.max_steps": 6,
+        "trainer.eval_every": 3,
+        "trainer.save_every": 3,
+        "trainer.diagnostics_every": 2,
+        "rollout.prompts_per_step": 6,
+        "rollout.group_size": 4,
+        "tracking.enabled": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,96 @@
+import pytest
+
+from popo_core import algos, siamese
+from popo_core.config import (
+    AGGREGATIONS,
+    MOMENTUM_SCHEDULES,
+    REDISTRIBUTIONS,
+    REPRESENTATIONS,
+    ConfigError,
+    compose,
+    presets,
+    to_flat_dict,
+)
+
+METHOD_NAMES = """algo.name algo.clip_eps algo.redistribution algo.aggregation algo.momentum
+algo.momentum_schedule algo.penalty_weight algo.representation algo.predictor algo.siamese
+algo.penalty algo.use_negatives algo.epochs algo.mini_batches algo.scale_std algo.adv_eps
+algo.kl_beta rollout.group_size rollout.prompts_per_step rollout.max_new_tokens rollout.temperature
+optim.lr trainer.max_steps trainer.seed trainer.eval_every trainer.diagnostics_every
+trainer.output_dir""".split()
+
+
+def test_every_knob_named_in_method_exists():
+    flat = to_flat_dict(compose("tiny"))
+    missing = [k for k in METHOD_NAMES if k not in flat]
+    assert not missing
+
+
+def test_choice_mirrors_match_the_math_modules():
+    assert REDISTRIBUTIONS == algos.REDISTRIBUTIONS
+    assert AGGREGATIONS == algos.AGGREGATIONS
+    assert MOMENTUM_SCHEDULES == siamese.MOMENTUM_SCHEDULES
+    assert REPRESENTATIONS == siamese.REPRESENTATIONS
+
+
+def test_presets_and_defaults():
+    assert {"tiny", "qwen-math-7b", "qwen-math-1.5b"} <= set(presets())
+    cfg = compose("tiny")
+    assert cfg.algo.name == "popo" and cfg.algo.momentum == 0.99 and cfg.algo.clip_eps == 0.2
+    assert cfg.algo.penalty_weight == 0.1 and cfg.algo.redistribution == "uniform"
+    # The tiny preset feeds each rollout batch to more than one optimizer step (METHOD.md).
+    assert cfg.algo.epochs * cfg.algo.mini_batches >= 2
+
+
+def test_algo_group_switches_method_and_keeps_preset_budget():
+    cfg = compose("tiny", ["algo=grpo"])
+    assert cfg.algo.name == "grpo" and not cfg.algo.siamese
+    assert cfg.algo.epochs == compose("tiny").algo.epochs
+
+
+def test_overrides_are_typed():
+    cfg = compose("tiny", ["algo.clip_eps=inf", "algo.momentum=0.9", "trainer.max_steps=7"])
+    assert cfg.algo.clip_eps == float("inf") and cfg.algo.momentum == 0.9 and cfg.trainer.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("algo.momentum=1.5", "algo.momentum"),
+        ("algo.clip_eps=-1", "algo.clip_eps"),
+        ("algo.clip_eps=0", "algo.clip_eps"),
+        ("algo.penalty_weight=-0.1", "algo.penalty_weight"),
+        ("algo.redistribution=foo", "algo.redistribution"),
+        ("algo.foo=1", "algo.foo"),
+        ("algo.momentum=abc", "algo.momentum"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("algo=ppo", "algo"),
+        ("data.path=missing.jsonl", "data.path"),
+        ("+algo.new=1", "algo.new"),
+    ],
+)
+def test_bad_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        compose("tiny", [override])
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        compose("nope")
+
+
+def test_math_task_needs_an_existing_file(tmp_path):
+    with pytest.raises(ConfigError, match="data.path=.*not found"):
+        compose("tiny", ["data=math", f"data.path={tmp_path}/none.jsonl", "data.eval_path=null"])
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"problem": "1+1", "answer": "2"}\n')
+    cfg = compose("tiny", ["data=math", f"data.path={f}", "data.eval_path=null"])
+    assert cfg.data.task == "math"
+
+
+def test_group_size_one_rejected_for_grpo():
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        compose("tiny", ["algo=grpo", "rollout.group_size=1"])

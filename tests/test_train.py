@@ -1,0 +1,167 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from popo_core.config import ConfigError, compose
+from popo_core.rewards import Grade
+from popo_core.train import Callbacks, Trainer, TrainingAborted, pack_groups, train
+
+REQUIRED_METRICS = [
+    "reward/mean", "positives/fraction", "groups/no_positive_fraction", "clip/fraction", "penalty/similarity",
+    "implicit_neg/delta_logp", "completion/length", "throughput/tokens_per_s",
+]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def policy_state(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_pack_groups_keeps_groups_whole():
+    groups = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]
+    batches = pack_groups(list(range(10)), groups, 4)
+    assert sorted(r for b in batches for r in b) == list(range(10))
+    for b in batches:
+        assert len({groups[r] for r in b}) == len({g for g in groups if any(groups[r] == g for r in b)})
+        for g in {groups[r] for r in b}:
+            assert all(r in b for r in range(10) if groups[r] == g)
+
+
+def test_short_run_logs_everything_to_mlflow(workdir):
+    cfg = compose("tiny", tiny_overrides(workdir, **{"tracking.enabled": "true", "trainer.max_steps": 4}))
+    result = train(cfg)
+    out = workdir / "run"
+    assert result.step == 4 and result.final_accuracy is not None
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "config.yaml", "curves.png", "result.json"):
+        assert (out / f).exists(), f
+    seen = set().union(*(r.keys() for r in read_metrics(out)))
+    assert set(REQUIRED_METRICS) <= seen
+    assert "eval/accuracy" in seen and "rollout/logprob_mismatch" in seen
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["popo"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
+    assert run.data.params["algo.momentum"] == "0.99" and run.data.params["algo.name"] == "popo"
+    assert {"reward/mean", "eval/accuracy", "clip/fraction"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "metrics.jsonl"} <= artifacts
+
+
+def test_final_policy_loads_with_transformers(workdir):
+    from transformers import AutoModelForCausalLM
+
+    from popo_core.models import load_tokenizer
+
+    train(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 2})))
+    model = AutoModelForCausalLM.from_pretrained(workdir / "run")
+    tok = load_tokenizer(str(workdir / "run"))
+    assert model.config.vocab_size == len(tok)
+
+
+class StopAt(Callbacks):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_and_resume_equals_uninterrupted_run(workdir):
+    straight = compose("tiny", tiny_overrides(workdir / "a"))
+    train(straight)
+    crashing = compose("tiny", tiny_overrides(workdir / "b"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashing, StopAt(5))  # after the checkpoint at step 3
+    resumed = train(compose("tiny", tiny_overrides(workdir / "b")))
+    assert resumed.step == 6
+    a, b = policy_state(workdir / "a" / "run"), policy_state(workdir / "b" / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    steps = [r["step"] for r in read_metrics(workdir / "b" / "run")]
+    assert steps.count(3) == 1 and steps.count(4) == 2 and steps[-1] == 6  # 4 was redone after the crash
+    again = train(compose("tiny", tiny_overrides(workdir / "b")))
+    assert again.resumed_complete and again.step == 6
+
+
+def test_resume_refuses_a_different_config(workdir):
+    train(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 1})))
+    with pytest.raises(ConfigError, match="algo.momentum"):
+        Trainer(compose("tiny", tiny_overrides(workdir, **{"algo.momentum": 0.5})))
+
+
+@pytest.mark.parametrize("algo", ["popo", "grpo"])
+def test_micro_batches_do_not_change_the_update(workdir, algo):
+    common = {"trainer.max_steps": 2, "trainer.eval_every": 0, "algo.redistribution": "self_normalized"}
+    if algo == "grpo":
+        common = {"trainer.max_steps": 2, "trainer.eval_every": 0}
+    train(compose("tiny", [f"algo={algo}", *tiny_overrides(workdir / "big", **common, **{"trainer.micro_batch_size": 1000})]))
+    train(compose("tiny", [f"algo={algo}", *tiny_overrides(workdir / "small", **common, **{"trainer.micro_batch_size": 5})]))
+    a, b = policy_state(workdir / "big" / "run"), policy_state(workdir / "small" / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_popo_sends_only_positives_through_forward_and_backward(workdir):
+    train(compose("tiny", tiny_overrides(workdir / "p", **{"trainer.max_steps": 3})))
+    train(compose("tiny", ["algo=grpo", *tiny_overrides(workdir / "g", **{"trainer.max_steps": 3})]))
+    cfg = compose("tiny")
+    epochs, n = cfg.algo.epochs, 6 * 4
+    for row in read_metrics(workdir / "p" / "run")[1:]:
+        positives = round(row["positives/fraction"] * n)
+        assert row["train/forward_tokens"] == epochs * positives * row["completion/length"]
+    for row in read_metrics(workdir / "g" / "run")[1:]:
+        assert row["train/forward_tokens"] == epochs * n * row["completion/length"]
+
+
+def test_live_importance_ratio_with_several_updates_per_batch(workdir):
+    train(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 20, "optim.lr": 3e-3})))
+    rows = read_metrics(workdir / "run")[1:]
+    assert any(abs(r.get("ratio/mean", 1.0) - 1.0) > 1e-4 for r in rows)
+
+
+def test_batch_without_positives_is_skipped(workdir, monkeypatch):
+    class Never:
+        def __call__(self, responses, golds):
+            return [Grade(False, r, "ok") for r in responses]
+
+    monkeypatch.setattr("popo_core.train.make_verifier", lambda task: Never())
+    trainer = Trainer(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 2, "trainer.eval_every": 0})))
+    result = trainer.run()
+    assert result.metrics["train/skipped_updates"] == result.metrics["train/updates"] > 0
+    initial = compose("tiny").model
+    from popo_core.models import load_model_and_tokenizer
+
+    fresh, _ = load_model_and_tokenizer(initial, device=torch.device("cpu"), seed=0)
+    for k, v in policy_state(workdir / "run").items():
+        torch.testing.assert_close(v, fresh.state_dict()[k])
+
+
+def test_non_finite_losses_abort_after_k_in_a_row(workdir, monkeypatch):
+    from popo_core import objective as objective_module
+
+    real = objective_module.build_objective
+
+    def poisoned(algo):
+        obj = real(algo)
+
+        def nan_loss(*args, **kwargs):
+            loss, m = obj.policy_loss(*args, **kwargs)
+            return loss * float("nan"), m
+
+        return objective_module.Objective(**{**obj.__dict__, "policy_loss": nan_loss})
+
+    monkeypatch.setattr("popo_core.train.build_objective", poisoned)
+    cfg = compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 50, "trainer.max_nonfinite": 3, "optim.lr": 1e-2}))
+    with pytest.raises(TrainingAborted, match="3 non-finite"):
+        train(cfg)
