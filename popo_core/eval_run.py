@@ -150,7 +150,8 @@ def make_protocol(s: EvalSettings, grader: str, template: str | None) -> Protoco
         max_new_tokens=s.max_new_tokens if s.model else None,
         extraction=_extraction(),
         grader=f"{grader}; gold/answer normalised per benchmark",
-        ci="95% Wilson interval (one sample per problem), else percentile bootstrap over problems (2000 rounds)",
+        ci="95%: Wilson over problems when each problem is all right or all wrong (always with one sample), "
+           "else percentile bootstrap over problems (2000 rounds)",
     )
 
 

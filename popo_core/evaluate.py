@@ -198,7 +198,9 @@ def summarize(report: EvalReport, bench: str = "", *, missing: int = 0, seed: in
     samples = min((len(gs) for gs in grades), default=0)
     per_problem = [sum(g.correct for g in gs) / len(gs) for gs in grades]
     accuracy = sum(per_problem) / n if n else 0.0
-    if samples <= 1 and all(len(gs) == 1 for gs in grades):
+    if all(p in (0.0, 1.0) for p in per_problem):
+        # One sample per problem, or every problem all right or all wrong: a binomial over problems
+        # (where a bootstrap would collapse to a point at 0% or 100%).
         ci, method = wilson_interval(sum(int(p) for p in per_problem), n), "wilson"
     else:
         ci, method = bootstrap_interval(per_problem, seed=seed), "bootstrap"
