@@ -131,7 +131,7 @@ class Trainer:
         return False
 
     # ----------------------------------------------------------------------------------- set-up
-    def _setup(self) -> None:
+    def setup(self) -> None:
         cfg = self.cfg
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
@@ -141,7 +141,9 @@ class Trainer:
         self.model.train()
         self.train_set, self.eval_set = load_task(cfg)
         self.verifier = make_verifier(cfg.data.task)
-        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer)
+        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, seed=cfg.trainer.seed,
+                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                  trust_remote_code=cfg.model.trust_remote_code)
         self.suppress = getattr(self.engine, "suppress", [])
         self.pad_id = self.engine.pad_id
         self.objective: Objective = build_objective(cfg.algo)
@@ -181,7 +183,7 @@ class Trainer:
             saved = json.loads(result_file.read_text())
             if saved["step"] >= cfg.trainer.max_steps:
                 return TrainResult(**{**saved, "resumed_complete": True})
-        self._setup()
+        self.setup()
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
         t = cfg.tracking
@@ -202,7 +204,7 @@ class Trainer:
                     metrics = {"eval/accuracy": self._evaluate()}
                     self._record(run, log, 0, metrics)
                 for step in range(start + 1, cfg.trainer.max_steps + 1):
-                    metrics = self._step(step)
+                    metrics = self.step(step)
                     every = cfg.trainer.eval_every
                     if self.eval_set and (step == cfg.trainer.max_steps or (every and step % every == 0)):
                         metrics["eval/accuracy"] = self._evaluate()
@@ -260,7 +262,7 @@ class Trainer:
         return report.accuracy
 
     # ---------------------------------------------------------------------------- one RL step
-    def _step(self, step: int) -> dict[str, float]:
+    def step(self, step: int) -> dict[str, float]:
         cfg, r = self.cfg, self.cfg.rollout
         t0 = time.perf_counter()
         problems = prompt_batch(self.train_set, step, r.prompts_per_step, cfg.trainer.seed)

@@ -42,15 +42,18 @@ class Engine(Protocol):
         """Make the engine sample from `model`'s current weights."""
 
 
-def make_engine(name: str, model, tokenizer, **kwargs) -> Engine:
+def make_engine(name: str, model, tokenizer, *, seed: int = 0, gpu_memory_utilization: float = 0.3,
+                trust_remote_code: bool = False) -> Engine:
+    """`hf` generates with the training model itself; `vllm` runs its own engine on the GPU."""
     if name == "hf":
         from popo_core.rollout.hf import HFEngine
 
-        return HFEngine(model, tokenizer, **kwargs)
+        return HFEngine(model, tokenizer)
     if name == "vllm":
         from popo_core.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(model, tokenizer, **kwargs)
+        return VLLMEngine(model, tokenizer, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                          trust_remote_code=trust_remote_code)
     raise ValueError(f"unknown rollout engine {name!r} (hf | vllm)")
 
 
