@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from popo_cli import ablate as ablate_cmd
 from popo_cli import evaluate as eval_cmd
 from popo_cli import train as train_cmd
 
@@ -24,6 +25,7 @@ def main() -> None:
 
 app.command("train", help=train_cmd._doc())(train_cmd.train)
 app.command("eval")(eval_cmd.eval_cmd)
+app.command("ablate")(ablate_cmd.ablate)
 
 
 if __name__ == "__main__":
