@@ -1,0 +1,104 @@
+"""`popo train` through the real entry point: bad input, help, and end-to-end runs."""
+
+import json
+import time
+
+import pytest
+
+from conftest import BENCH, run_popo, tiny_overrides
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["tiny", "algo.momentum=1.5"], ["algo.momentum"]),
+        (["tiny", "algo.clip_eps=-1"], ["algo.clip_eps"]),
+        (["nope"], ["unknown preset", "nope"]),
+        (["tiny", "algo.nope=1"], ["algo.nope"]),
+        (["tiny", "data=math", "data.path=missing.jsonl"], ["data.path", "not found"]),
+        (["tiny", "model.name_or_path=./no/such/dir"], ["model.name_or_path"]),
+        (["tiny", "trainer.max_steps=abc"], ["trainer.max_steps"]),
+        (["tiny", "momentum"], ["momentum", "key=value"]),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
+    assert_one_line_error(run_popo("train", *args, cwd=tmp_path, timeout=120), *fragments)
+
+
+def test_malformed_training_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1", "answer": "2"}\nnot json\n')
+    proc = run_popo("train", "tiny", "data=math", f"data.path={bad}", "data.eval_path=null",
+                    f"trainer.output_dir={tmp_path}/run", "tracking.enabled=false", cwd=tmp_path, timeout=120)
+    assert_one_line_error(proc, "line 2")
+
+
+def test_help_is_fast_and_lists_presets(tmp_path):
+    start = time.perf_counter()
+    proc = run_popo("--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "train" in proc.stdout
+    assert time.perf_counter() - start < 10  # generous: the import budget is checked by the stop hook
+    proc = run_popo("train", "--help", cwd=tmp_path)
+    assert all(p in proc.stdout for p in ("tiny", "qwen-math-7b", "qwen-math-1.5b"))
+
+
+def test_short_train_through_the_cli(tmp_path):
+    proc = run_popo("train", "tiny", *tiny_overrides(tmp_path, **{"tracking.enabled": "true"}), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "final eval/accuracy" in proc.stdout
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["step"] == 6
+    again = run_popo("train", "tiny", *tiny_overrides(tmp_path, **{"tracking.enabled": "true"}), cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+@pytest.mark.skipif(not BENCH.exists(), reason="needs ../shared/bench (the benchmark files)")
+def test_tiny_model_trains_on_real_math_data(tmp_path):
+    """The math path end to end: a JSONL training file, math-verify rewards, a held-out set."""
+    proc = run_popo(
+        "train", "tiny", "data=math", f"data.path={BENCH / 'gsm8k.jsonl'}", f"data.eval_path={BENCH / 'aime25.jsonl'}",
+        "data.eval_size=4", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "trainer.max_steps=2", "trainer.eval_every=0", f"trainer.output_dir={tmp_path}/run", "tracking.enabled=false",
+        cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and "eval/accuracy" in rows[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_popo_train_tiny_learns(tmp_path, seed):
+    """The acceptance run: the default tiny preset, from near chance to >= 0.9 held-out accuracy."""
+    start = time.perf_counter()
+    proc = run_popo("train", "tiny", f"trainer.seed={seed}", f"trainer.output_dir={tmp_path}/run", cwd=tmp_path, timeout=900)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    assert evals[0] <= 0.15 and evals[-1] >= 0.9, evals
+    assert any(r.get("clip/fraction", 0) > 0 for r in rows)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["popo"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.metrics["eval/accuracy"] >= 0.9
+    assert runs[0].data.params["trainer.seed"] == str(seed)
+    print(f"seed {seed}: {evals} in {elapsed:.0f}s")
+
+
+@pytest.mark.slow
+def test_grpo_runs_to_the_end(tmp_path):
+    proc = run_popo("train", "tiny", "algo=grpo", "trainer.max_steps=60", f"trainer.output_dir={tmp_path}/run",
+                    cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["step"] == 60
