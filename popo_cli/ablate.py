@@ -32,9 +32,10 @@ def ablate(
     preset, overrides = split_preset(preset, overrides)
     with user_errors():
         from popo_core.ablate import plan, run_ablation
-        from popo_core.train import TrainingAborted
 
         ablation = plan(preset, drop, seeds, baseline, overrides, root=output_dir)
+        from popo_core.train import TrainingAborted  # torch: only once the input is known to be good
+
         try:
             result = run_ablation(ablation, _ConsoleReporter())
         except TrainingAborted as err:
