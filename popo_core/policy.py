@@ -29,22 +29,26 @@ class Sequences:
 
 
 def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device) -> Sequences:
-    rows = len(prompts)
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    # Built as padded Python lists and converted once: a tensor per row costs more than the model.
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width = max(len(s) for s in seqs)
     comp_width = max(max(len(c) for c in completions), 1)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((rows, width), dtype=torch.long)
-    positions = torch.zeros((rows, comp_width), dtype=torch.long)
-    targets = torch.zeros((rows, comp_width), dtype=torch.long)
-    mask = torch.zeros((rows, comp_width), dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        n = len(p) + len(c)
-        input_ids[i, :n] = torch.tensor(list(p) + list(c))
-        attention[i, :n] = 1
-        positions[i, : len(c)] = torch.arange(len(p) - 1, n - 1)
-        targets[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-        mask[i, : len(c)] = True
-    return Sequences(*(t.to(device) for t in (input_ids, attention, positions, targets, mask)))
+    input_ids = [s + [pad_id] * (width - len(s)) for s in seqs]
+    attention = [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
+    positions, targets, mask = [], [], []
+    for p, c in zip(prompts, completions):
+        pad = comp_width - len(c)
+        positions.append(list(range(len(p) - 1, len(p) + len(c) - 1)) + [0] * pad)
+        targets.append(list(c) + [0] * pad)
+        mask.append([True] * len(c) + [False] * pad)
+    as_tensor = lambda rows, dtype: torch.tensor(rows, dtype=dtype, device=device)  # noqa: E731
+    return Sequences(
+        as_tensor(input_ids, torch.long),
+        as_tensor(attention, torch.long),
+        as_tensor(positions, torch.long),
+        as_tensor(targets, torch.long),
+        as_tensor(mask, torch.bool),
+    )
 
 
 def _backbone(model):

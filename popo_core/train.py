@@ -299,11 +299,11 @@ class Trainer:
         })
         return metrics
 
-    def _forward(self, model, rollouts: Rollouts, rows: list[int], *, hidden: bool = False, grad: bool = False):
+    def _forward(self, model, rollouts: Rollouts, rows: list[int], *, hidden=False, logprobs=True, grad=False):
         seqs = collate([rollouts.prompt_ids[i] for i in rows], [rollouts.completion_ids[i] for i in rows], self.pad_id, self.device)
         with torch.set_grad_enabled(grad):
             lp, h = completion_forward(model, seqs, temperature=self.cfg.rollout.temperature,
-                                       suppress_ids=self.suppress, hidden=hidden)
+                                       suppress_ids=self.suppress, logprobs=logprobs, hidden=hidden)
         return seqs, lp, h
 
     def _logprobs(self, model, rollouts: Rollouts, rows: list[int]) -> dict[int, torch.Tensor]:
@@ -400,9 +400,16 @@ class Trainer:
 
     def _penalty(self, rollouts, micro, seqs, lp, h, pos, n_positives):
         obj = self.objective
-        pos_rows = [row for row, p in zip(micro, pos.tolist()) if p]
-        _, mom_lp, mom_h = self._forward(self.momentum_net, rollouts, pos_rows, hidden=obj.penalty_input == "hidden")
-        width = mom_lp.shape[1]
+        want_hidden = obj.penalty_input == "hidden"
+        if bool(pos.all()):  # POPO forwards positives only: reuse the batch
+            with torch.no_grad():
+                mom_lp, mom_h = completion_forward(self.momentum_net, seqs, temperature=self.cfg.rollout.temperature,
+                                                   suppress_ids=self.suppress, logprobs=not want_hidden, hidden=want_hidden)
+        else:
+            pos_rows = [row for row, p in zip(micro, pos.tolist()) if p]
+            _, mom_lp, mom_h = self._forward(self.momentum_net, rollouts, pos_rows, hidden=want_hidden,
+                                             logprobs=not want_hidden)
+        width = (mom_h if want_hidden else mom_lp).shape[1]
         mask = seqs.mask[pos][:, :width]
         if obj.penalty_input == "hidden":
             return obj.penalty(h[pos][:, :width], mom_h, mask, predictor=self.predictor, n_positives=n_positives)
