@@ -155,7 +155,7 @@ def read_responses(path: str | Path) -> list[Response]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise DataError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     out = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -16,6 +16,7 @@ from popo_core import benchmarks as bm
 from popo_core.data import TEMPLATES, Problem
 from popo_core.errors import ConfigError, DataError, ModelLoadError
 from popo_core.evaluate import BenchmarkSummary, EvalReport, evaluate_problems, grade_responses, summarize
+from popo_core.grading import EXTRACTION, MathVerifier
 
 # progress(description, total) -> advance(n)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -75,6 +76,8 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError(f"--template {s.template}: unknown (choose from: {', '.join(TEMPLATES)})")
     if s.engine not in ("hf", "vllm"):
         raise ConfigError(f"--engine {s.engine}: must be hf or vllm")
+    if s.run_id and not s.tracking:
+        raise ConfigError("--run-id nests the eval run in MLflow; it cannot go with --no-tracking")
     if s.threads is not None and s.threads < 1:
         raise ConfigError(f"--threads {s.threads}: must be >= 1")
 
@@ -133,7 +136,7 @@ class Protocol:
     def lines(self) -> list[str]:
         gen = (f"template {self.template}; {self.sampling}; max_new_tokens {self.max_new_tokens}"
                if self.template is not None else "generation settings: those of the responses file")
-        return [f"source: {self.source}; {gen}", f"extraction: {self.extraction}; grader: {self.grader}", f"CI: {self.ci}"]
+        return [f"source: {self.source}; {gen}", f"extraction: {self.extraction}; grader: {self.grader}", f"interval: {self.ci}"]
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -148,17 +151,11 @@ def make_protocol(s: EvalSettings, grader: str, template: str | None) -> Protoco
         template=template if s.model else None,
         sampling=sampling if s.model else "from the responses file",
         max_new_tokens=s.max_new_tokens if s.model else None,
-        extraction=_extraction(),
+        extraction=EXTRACTION,
         grader=f"{grader}; gold/answer normalised per benchmark",
-        ci="95%: Wilson over problems when each problem is all right or all wrong (always with one sample), "
+        ci="95%, Wilson over problems when each problem is all right or all wrong (always so with one sample), "
            "else percentile bootstrap over problems (2000 rounds)",
     )
-
-
-def _extraction() -> str:
-    from popo_core.grading import EXTRACTION
-
-    return EXTRACTION
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -188,51 +185,59 @@ def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalR
     if s.data and len(benches) > 1:
         raise ConfigError("--data FILE replaces one benchmark's problems; give a single --bench with it")
     problem_sets = {b.name: bm.load(b, s.data) for b in benches}
-    responses = bm.read_responses(s.responses) if s.responses else None
-    if responses is not None:
-        names = {r.bench for r in responses if r.bench is not None}
-        unknown = sorted(names - set(bm.BENCHMARKS))
-        if unknown:
-            raise DataError(f"{s.responses}: unknown bench {unknown[0]!r} (choose from: {', '.join(bm.BENCHMARKS)})")
-
-    from popo_core.grading import MathVerifier
+    limited = {name: every[: s.limit] if s.limit else every for name, every in problem_sets.items()}
+    given = _match_all(s, benches, problem_sets, limited) if s.responses else {}
+    experiment = _experiment(s) if s.tracking else None  # an unknown --run-id fails before any work
+    model_cfg = resolve_model(s.model, s.template) if s.model else None
 
     with MathVerifier(workers=s.workers, timeout=s.timeout) as verifier:
-        model = _Model(s) if s.model else None
+        verifier.start()
+        model = _Model(s, model_cfg) if model_cfg else None
         result = EvalResult(make_protocol(s, verifier.describe(), model.template if model else None))
         for bench in benches:
-            every = problem_sets[bench.name]
-            problems = every[: s.limit] if s.limit else every
-            if responses is not None:
-                kept, texts, missing = bm.match_responses(
-                    bench, problems, responses, several=len(benches) > 1, all_ids={p.id for p in every},
-                    path=str(s.responses))
+            if bench.name in given:
+                kept, texts, missing = given[bench.name]
                 grade_bar = progress(f"grade {bench.name}", sum(len(t) for t in texts))
                 report = grade_responses(kept, texts, verifier, normalize=bench.normalize, progress=grade_bar)
             else:
                 missing = 0
-                report = model.evaluate(bench, problems, verifier, progress)
+                report = model.evaluate(bench, limited[bench.name], verifier, progress)
             summary = summarize(report, bench.name, missing=missing, seed=s.seed)
             result.results.append(BenchResult(bench, bm.source(bench, s.data), report, summary))
     if s.output:
         result.output = write_outputs(result, Path(s.output))
-    if s.tracking:
-        result.run_id = log_to_mlflow(s, result)
+    if experiment:
+        result.run_id = log_to_mlflow(s, result, experiment)
     return result
+
+
+def _match_all(s: EvalSettings, benches, problem_sets, limited) -> dict[str, tuple[list[Problem], list[list[str]], int]]:
+    """Every benchmark's (problems with responses, responses, missing), checked before any grading."""
+    responses = bm.read_responses(s.responses)  # type: ignore[arg-type]
+    unknown = sorted({r.bench for r in responses if r.bench is not None} - set(bm.BENCHMARKS))
+    if unknown:
+        raise DataError(f"{s.responses}: unknown bench {unknown[0]!r} (choose from: {', '.join(bm.BENCHMARKS)})")
+    out = {}
+    for bench in benches:
+        out[bench.name] = bm.match_responses(bench, limited[bench.name], responses, several=len(benches) > 1,
+                                             all_ids={p.id for p in problem_sets[bench.name]}, path=str(s.responses))
+        if not out[bench.name][0]:
+            raise DataError(f"{s.responses}: no responses for {bench.name}" + (" in its first --limit problems" if s.limit else ""))
+    return out
 
 
 class _Model:
     """The model and its generation engine, loaded once for all benchmarks."""
 
-    def __init__(self, s: EvalSettings):
+    def __init__(self, s: EvalSettings, cfg):
+        self.s = s
+        self.template = cfg.template
+
         import torch
 
         from popo_core.models import load_model_and_tokenizer, resolve_device
         from popo_core.rollout import make_engine
 
-        self.s = s
-        cfg = resolve_model(s.model, s.template)  # type: ignore[arg-type]
-        self.template = cfg.template
         if s.threads:
             torch.set_num_threads(s.threads)
         try:
@@ -287,23 +292,30 @@ def write_outputs(result: EvalResult, out: Path) -> Path:
     return out
 
 
-def log_to_mlflow(s: EvalSettings, result: EvalResult) -> str:
-    """An eval run (a child of --run-id when given): params, <bench>/... metrics, summary.json."""
-    from popo_core.tracking import Run, client
+def _experiment(s: EvalSettings) -> str:
+    """The MLflow experiment to log to: --experiment, or the --run-id parent's."""
+    if not s.run_id:
+        return s.experiment
+    from popo_core.tracking import client
 
-    experiment = s.experiment
-    if s.run_id:
-        c = client(s.tracking_uri)
-        try:
-            parent = c.get_run(s.run_id)
-        except Exception:  # MlflowException for an unknown id
-            raise DataError(f"--run-id {s.run_id}: no such MLflow run in the tracking store") from None
-        experiment = c.get_experiment(parent.info.experiment_id).name
+    c = client(s.tracking_uri)
+    try:
+        parent = c.get_run(s.run_id)
+    except Exception:  # MlflowException for an unknown id
+        raise DataError(f"--run-id {s.run_id}: no such MLflow run in the tracking store") from None
+    return c.get_experiment(parent.info.experiment_id).name
+
+
+def log_to_mlflow(s: EvalSettings, result: EvalResult, experiment: str) -> str:
+    """An eval run (a child of --run-id when given): params, <bench>/... metrics, summary.json."""
+    from popo_core.tracking import Run
+
     p = result.protocol
     params = {"eval.benches": ",".join(r.bench.name for r in result.results), "eval.source": p.source,
-              "eval.template": p.template, "eval.sampling": p.sampling, "eval.samples": s.samples,
-              "eval.temperature": s.temperature, "eval.top_p": s.top_p, "eval.max_new_tokens": p.max_new_tokens,
               "eval.limit": s.limit, "eval.extraction": p.extraction, "eval.grader": p.grader, "eval.seed": s.seed}
+    if s.model:
+        params |= {"eval.template": p.template, "eval.samples": s.samples, "eval.temperature": s.temperature,
+                   "eval.top_p": s.top_p, "eval.max_new_tokens": s.max_new_tokens, "eval.engine": s.engine}
     name = f"eval-{Path(s.model).name if s.model else Path(s.responses or '').stem}"
     with Run(uri=s.tracking_uri, experiment=experiment, run_name=name, parent_run_id=s.run_id,
              tags={"popo.kind": "eval"}) as run:

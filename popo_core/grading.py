@@ -176,6 +176,18 @@ def grade_with_deadline(gold: str, text: str, boxed: bool, normalize: str, secon
         signal.signal(signal.SIGALRM, previous)
 
 
+_WARM_UP = [("\\frac{1}{2}", "0.5"), ("(1,2)", "\\left(1, 2\\right)"), ("[0, \\infty)", "x \\ge 0"),
+            ("x^2+1", "1+x^{2}"), ("\\sqrt{2}", "\\frac{2}{\\sqrt2}"), ("\\text{(B)}", "B"), ("\\{1, 2\\}", "2,1"),
+            ("y = 2x", "2x"), ("\\pi/3", "60^\\circ"), ("3.5\\%", "0.035")]
+
+
+def warm_up() -> None:
+    """Grade a few answers of each kind, so math-verify's parsers are built and sympy's lazily
+    imported modules loaded. Run in the pool's forkserver: every worker forked from it starts warm."""
+    for gold, pred in _WARM_UP:
+        grade_text(gold, pred, True)
+
+
 def _init_worker(memory_mb: int | None) -> None:
     if memory_mb:
         import resource
@@ -226,8 +238,10 @@ class MathVerifier:
         return max(0.5, 0.8 * self.timeout)
 
     def describe(self) -> str:
+        from importlib.metadata import version
+
         where = f"{self.workers} worker processes" if self.workers else "in-process (no hard kill)"
-        return f"math-verify, {self.timeout} s per answer, {where}"
+        return f"math-verify {version('math-verify')}, {self.timeout} s per answer, {where}"
 
     def __call__(
         self,
@@ -301,16 +315,27 @@ class MathVerifier:
             if progress:
                 progress(1)
 
+    def start(self) -> None:
+        """Start the workers now, in the background (the forkserver's warm-up takes a second or
+        two), e.g. while a model loads. Grading without it starts them on first use."""
+        if self.workers:
+            import threading
+
+            pool = self._ensure_pool()
+            threading.Thread(target=lambda: pool.active, name="grader-start", daemon=True).start()
+
     def _ensure_pool(self):
         if self._pool is None:
             import multiprocessing
 
             from pebble import ProcessPool
 
-            # forkserver: workers fork from a small clean server process (math-verify preloaded), not
-            # from this one, which may hold torch threads, CUDA and an open MLflow store.
+            # forkserver: workers fork from a small clean server process (math-verify preloaded and
+            # warmed up), not from this one, which may hold torch threads, CUDA and an open MLflow
+            # store. `__main__` is not preloaded: a script that fails to import there would take the
+            # server down; in a worker, that failure only marks its answers "error".
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["__main__", "popo_core.grading", "math_verify"])
+            context.set_forkserver_preload(["popo_core.grading_warm"])
             self._pool = ProcessPool(
                 max_workers=self.workers,
                 max_tasks=self.max_tasks_per_worker,  # sympy's caches grow; recycle workers now and then

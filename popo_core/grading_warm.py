@@ -1,0 +1,7 @@
+"""Imported by the grading pool's forkserver (and nowhere else): one warm-up, so that every worker
+forked from the server starts with math-verify's parsers built and sympy's lazy modules imported,
+and a worker that replaces a killed one costs a fork rather than seconds of imports."""
+
+from popo_core.grading import warm_up
+
+warm_up()
