@@ -6,6 +6,7 @@ import typer
 
 from popo_cli import ablate as ablate_cmd
 from popo_cli import evaluate as eval_cmd
+from popo_cli import sweep as sweep_cmd
 from popo_cli import train as train_cmd
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ def main() -> None:
 app.command("train", help=train_cmd._doc())(train_cmd.train)
 app.command("eval")(eval_cmd.eval_cmd)
 app.command("ablate")(ablate_cmd.ablate)
+app.command("sweep")(sweep_cmd.sweep)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,62 @@ def ablation_curves(summaries: Sequence, path: str | Path, title: str = "") -> P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _figure_of(axes):
+    import numpy as np
+
+    return np.asarray(axes, dtype=object).flat[0].figure
+
+
+def sweep_plots(study, out_dir: str | Path, params: Sequence[str], target_name: str = "value") -> tuple[list[Path], list[str]]:
+    """`popo sweep`: Optuna's matplotlib figures of a study as PNGs in out_dir, and notes on any skipped.
+
+    optimisation history, one slice per parameter, contours for two or more parameters, and
+    fANOVA parameter importances (undefined with fewer than 2 complete trials or a single parameter).
+    """
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = list(params)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    figures = {
+        "history": lambda: ovm.plot_optimization_history(study, target_name=target_name),
+        "slice": lambda: ovm.plot_slice(study, params=params, target_name=target_name),
+    }
+    notes = []
+    if len(params) > 1:
+        figures["contour"] = lambda: ovm.plot_contour(study, params=params, target_name=target_name)
+    if len(complete) < 2:
+        notes.append(f"importances skipped: {len(complete)} complete trial(s), need 2")
+    elif len(params) < 2:
+        notes.append("importances skipped: one parameter (its importance is 1 by definition)")
+    elif len({t.value for t in complete}) < 2:
+        notes.append(f"importances skipped: every complete trial has the same {target_name}")
+    else:
+        figures["importances"] = lambda: ovm.plot_param_importances(study, target_name=target_name)
+    paths = []
+    for name, draw in figures.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning, and matplotlib's on empty data
+                fig = _figure_of(draw())
+                n = len(params)
+                if name == "slice" and n > 1:
+                    fig.set_size_inches(4.0 * n, 4.0)
+                elif name == "contour":  # an n x n grid of panels: room for their axis labels
+                    fig.set_size_inches(3.8 * n + 1.5, 3.4 * n)
+        except Exception as err:
+            plt.close("all")
+            notes.append(f"{name} plot skipped: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            continue
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths, notes

@@ -85,7 +85,7 @@ class Run:
         self.run_id = run_id
         if not enabled:
             return
-        self.client = client(uri)
+        self.client = ready_client(uri)
         if run_id is None:
             all_tags = dict(tags or {})
             if parent_run_id:
@@ -154,3 +154,85 @@ def find_runs(uri: str | None, experiment: str, filter_string: str = "", max_res
     if exp is None:
         return []
     return _retry(lambda: c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file behind a sqlite:/// URL (None for other URLs and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+class sqlite_init_lock:
+    """Serialise first-time creation of a SQLite store across processes.
+
+    Two processes creating the same MLflow (or Optuna) SQLite file at once race in its schema
+    migrations ("duplicate column name", alembic "expected to match one row"); an exclusive lock
+    on `<file>.lock` around the first connection makes one create it and the other find it done.
+    A no-op for server URLs and where fcntl is missing.
+    """
+
+    def __init__(self, uri: str):
+        path = sqlite_path(uri)
+        self.lock_path = None if path is None else path.with_name(path.name + ".lock")
+        self._fh = None
+
+    def __enter__(self) -> "sqlite_init_lock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        if self.lock_path is not None and self.lock_path.parent.is_dir():
+            self._fh = open(self.lock_path, "a")
+            fcntl.flock(self._fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+
+
+_initialised: set[str] = set()
+
+
+def ready_client(uri: str | None = None):
+    """`client(uri)` whose store exists: the first use in a process creates it under a file lock."""
+    resolved = tracking_uri(uri)
+    if resolved in _initialised:
+        return client(uri)
+    with sqlite_init_lock(resolved):  # MlflowClient() itself creates and migrates the store
+        c = client(uri)
+        _retry(lambda: c.search_experiments(max_results=1))
+    _initialised.add(resolved)
+    return c
+
+
+def update_run(uri: str | None, run_id: str, *, tags: Mapping[str, Any] | None = None, status: str | None = None) -> None:
+    """Tag an existing run in one write and, given a status, end it. Unlike `Run(run_id=...)` it
+    does not mark the run RUNNING first."""
+    from mlflow.entities import RunTag
+
+    c = client(uri)
+    if tags:
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        _retry(lambda: c.log_batch(run_id, tags=items))
+    if status:
+        _retry(lambda: c.set_terminated(run_id, status=status))
+
+
+def run_status(uri: str | None, run_id: str) -> str | None:
+    """A run's status (RUNNING, FINISHED, FAILED, KILLED), None if the store has no such run."""
+    try:
+        return _retry(lambda: client(uri).get_run(run_id)).info.status
+    except Exception as err:
+        if "not found" in str(err).lower() or "RESOURCE_DOES_NOT_EXIST" in str(err):
+            return None
+        raise
+
+
+def delete_run(uri: str | None, run_id: str) -> None:
+    _retry(lambda: client(uri).delete_run(run_id))

@@ -1,0 +1,481 @@
+"""`popo sweep`: an Optuna study over POPO's knobs; each trial is one real training run.
+
+The study lives in a database (SQLite by default, any Optuna RDB URL otherwise), so the same
+command started again, or on other machines against the same storage, continues it until it holds
+`trials` finished (complete or pruned) trials. Running trials send heartbeats: one whose worker
+died (SIGKILL, lost machine) is marked failed once its heartbeat is older than the grace period
+and queued again with the same params; the retry resumes the dead trial's training run from its
+last checkpoint. Finished trials are never rerun.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from popo_core.config import Config, compose, validate
+from popo_core.errors import ConfigError
+from popo_core.search_space import Param, SweepError, load_space, set_key
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "none")
+DIRECTIONS = ("maximize", "minimize")
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+__all__ = ["Param", "Reporter", "Sweep", "SweepError", "SweepResult", "SweepSettings", "TrialRow"]
+
+
+class SurplusTrial(Exception):
+    """Raised in a trial created after other workers already hold the target: it runs nothing."""
+
+
+class TooManyFailures(RuntimeError):
+    """Trials of this worker failed one after another (e.g. non-finite losses): stop, don't spin."""
+
+
+@dataclass
+class SweepSettings:
+    knob: str
+    preset: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    trials: int = 20  # finished (complete or pruned) trials the study should hold, all workers together
+    study: str | None = None  # default: <knob>-<preset>
+    storage: str = DEFAULT_STORAGE
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int | None = None
+    metric: str = "eval/accuracy"
+    direction: str = "maximize"
+    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
+    grace_period: int = 60  # a RUNNING trial silent this long belongs to a dead worker
+    max_retry: int = 3  # retries of one trial whose worker died
+
+
+@dataclass
+class TrialRow:
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
+    params: dict[str, Any]
+    value: float | None
+    duration_s: float | None
+    output_dir: str | None
+    note: str = ""
+
+
+@dataclass
+class SweepResult:
+    study: str
+    target: int
+    rows: list[TrialRow]
+    best: TrialRow | None
+    ran: int  # trials this worker started
+    plots: list[Path]
+    notes: list[str]
+    parent_run_id: str | None
+    elapsed_s: float
+
+
+class Reporter:
+    """What a sweep tells its user; the CLI renders it. Every hook may be left as is."""
+
+    def note(self, message: str) -> None: ...
+
+    def trial_started(self, number: int, params: dict[str, Any], output_dir: str, resumed: bool) -> None: ...
+
+    def trial_finished(self, row: TrialRow) -> None: ...
+
+    def training(self, number: int):  # a popo_core.train.Callbacks progress display, or None
+        return None
+
+
+def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int):
+    """Optuna's RDB storage with heartbeats; a dead worker's trial is queued again with its params."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    from popo_core.tracking import redact, sqlite_init_lock
+
+    shown = redact({"url": url})["url"]
+    if "://" not in url:
+        raise SweepError(f"--storage {shown}: not a database URL (e.g. {DEFAULT_STORAGE} or postgresql://user:pass@host/db)")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for another worker's write instead of failing
+    elif url.startswith(("postgresql", "mysql")):
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 15}}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
+    try:
+        with sqlite_init_lock(url):  # two workers creating one SQLite file would race in its schema
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period, heartbeat_stale_trial_callback=retry)
+    except Exception as err:
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        raise SweepError(f"--storage {shown}: {type(err).__name__}: {first}") from None
+
+
+def _sampler(name: str, space: list[Param], seed: int | None):
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler({p.name: list(p.grid) for p in space}, seed=seed)
+    # constant_liar: workers running side by side don't all propose the same point.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=len(space) > 1)
+
+
+class Sweep:
+    """A prepared sweep: input checked, base config composed, study opened. `run()` works on it."""
+
+    def __init__(self, s: SweepSettings):
+        self.s = s
+        if s.trials < 1:
+            raise SweepError(f"--trials {s.trials}: must be >= 1 (the finished trials the study should hold)")
+        for flag, value, choices in (("--sampler", s.sampler, SAMPLERS), ("--pruner", s.pruner, PRUNERS),
+                                     ("--direction", s.direction, DIRECTIONS)):
+            if value not in choices:
+                raise SweepError(f"{flag} {value}: choose from {', '.join(choices)}")
+        if s.heartbeat_interval < 1 or s.grace_period <= s.heartbeat_interval:
+            raise SweepError("--heartbeat-interval must be >= 1 s and --grace-period longer than it")
+        self.space = load_space(s.knob)
+        self.base = compose(s.preset, s.overrides)
+        self.name = s.study or f"{s.knob}-{s.preset}"
+        if not self.name or not set(self.name) <= _NAME_OK:
+            raise SweepError(f"--study {self.name!r}: use letters, digits, '.', '_' and '-'")
+        self.root = Path(self.base.trainer.output_dir or Path("sweeps") / self.name)
+        self.notes: list[str] = []
+        a = self.base.algo
+        if any(p.name == "algo.clip_eps" for p in self.space) and a.epochs * a.mini_batches == 1:
+            self.notes.append("warning: algo.epochs * algo.mini_batches == 1, so the clip bound never acts (rho = 1); "
+                              "sweep it with several optimizer steps per batch, e.g. algo.epochs=2")
+        self.target = s.trials
+        if s.sampler == "grid":
+            missing = [p.name for p in self.space if not p.grid]
+            if missing:
+                raise SweepError(f"--sampler grid: {missing[0]} has no grid points in sweep/{s.knob}.yaml")
+            size = math.prod(len(p.grid) for p in self.space)
+            if size < s.trials:
+                self.notes.append(f"the grid has {size} points: the study stops at {size} trials")
+                self.target = size
+        self.storage = open_storage(s.storage, s.heartbeat_interval, s.grace_period, s.max_retry)
+        self.study = self._open_study()
+        self.runs = None  # StudyRuns once run() starts, when tracking is enabled
+        self.ran = 0
+        self._failures = 0
+
+    def _open_study(self):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # the reporter tells the user instead
+        s = self.s
+        # The first quarter of a run is too early to judge it; the first 5 trials are never pruned.
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, self.base.trainer.max_steps // 4))
+                  if s.pruner == "median" else optuna.pruners.NopPruner())
+        try:
+            study = optuna.create_study(study_name=self.name, storage=self.storage, direction=s.direction,
+                                        pruner=pruner, load_if_exists=True)
+        except Exception as err:
+            raise SweepError(f"study {self.name!r}: {str(err).splitlines()[0]}") from None
+        if study.direction.name.lower() != s.direction:
+            raise SweepError(f"study {self.name!r} was created to {study.direction.name.lower()}; "
+                             "pass --study NAME to start another")
+        # A seeded sampler restarted on a partly done study would replay its first draws: offset the
+        # seed by the trials the study holds, so a restart continues with new points.
+        seed = None if s.seed is None else s.seed + len(study.get_trials(deepcopy=False))
+        study.sampler = _sampler(s.sampler, self.space, seed)
+        mine = {"popo.knob": s.knob, "popo.preset": s.preset, "popo.metric": s.metric}
+        held = study.user_attrs
+        for key, value in mine.items():
+            if key in held and held[key] != value:
+                raise SweepError(f"study {self.name!r} has {key[5:]}={held[key]}, not {value}; "
+                                 "pass --study NAME to start another")
+        overrides = " ".join(s.overrides)
+        if "popo.overrides" in held and held["popo.overrides"] != overrides:
+            self.notes.append(f"study {self.name!r} was started with overrides [{held['popo.overrides']}]; "
+                              f"this worker's trials use [{overrides}]")
+        for key, value in {**mine, "popo.overrides": overrides}.items():
+            if key not in held:
+                study.set_user_attr(key, value)
+        return study
+
+    # ---------------------------------------------------------------------------------- the loop
+    def run(self, reporter: Reporter | None = None) -> SweepResult:
+        """Run trials until the study holds `target` finished ones (or the grid is done)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        from popo_core.train import TrainingAborted
+
+        self.reporter = reporter or Reporter()
+        start = time.time()
+        self.runs = self._open_runs()
+        self.parent_id = self.runs.parent.run_id if self.runs else None
+        self._requeue_interrupted()
+        said_wait = False
+        try:
+            while True:
+                optuna.storages.fail_stale_trials(self.study)  # dead workers' trials -> FAIL + queued retry
+                counts = {state: 0 for state in TrialState}
+                for t in self.study.get_trials(deepcopy=False):
+                    counts[t.state] += 1
+                finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+                if finished >= self.target or self._grid_done():
+                    break
+                if not counts[TrialState.WAITING] and finished + counts[TrialState.RUNNING] >= self.target:
+                    if not said_wait:  # the rest is running elsewhere: wait to see it finish or die
+                        self.reporter.note(f"{counts[TrialState.RUNNING]} trial(s) running elsewhere: waiting for them "
+                                           f"(a dead worker's trial is retried {self.s.grace_period} s after its last heartbeat)")
+                        said_wait = True
+                    time.sleep(min(self.s.heartbeat_interval, 5))
+                    continue
+                said_wait = False
+                self._current = None
+                try:
+                    self.study.optimize(self._objective, n_trials=1, catch=(TrainingAborted,),
+                                        callbacks=[self._after_trial], gc_after_trial=False)
+                except SurplusTrial:
+                    continue
+                except ValueError as err:  # Optuna's "Cannot tell a FAIL trial": another worker failed ours
+                    if not str(err).startswith("Cannot tell a") or not self._taken_over():
+                        raise
+                if self._failures >= 3:
+                    raise TooManyFailures(f"{self._failures} trials in a row failed (see `popo sweep` on study {self.name!r})")
+        except BaseException as err:
+            if self.runs:
+                self.runs.parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        return self._finish(time.time() - start)
+
+    def _grid_done(self) -> bool:
+        return self.s.sampler == "grid" and self.study.sampler.is_exhausted(self.study)
+
+    def _taken_over(self) -> bool:
+        """This worker's trial was marked failed by another (its heartbeat lapsed, e.g. a stalled
+        disk); Optuna then refuses its result. Say so and go on."""
+        from optuna.trial import TrialState
+
+        if self._current is None:
+            return False
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == self._current)
+        if trial.state != TrialState.FAIL:
+            return False
+        self.reporter.note(f"trial {trial.number} was marked failed by another worker (heartbeat lapsed); "
+                           "its retry takes over")
+        return True
+
+    def _requeue_interrupted(self) -> None:
+        """Trials stopped with Ctrl-C failed without a lapsed heartbeat: queue them like dead ones."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+        for t in trials:
+            if t.state.name == "FAIL" and t.user_attrs.get("popo.interrupted") and t.number not in retried:
+                self.storage.get_heartbeat_stale_trial_callback()(self.study, copy.deepcopy(t))
+
+    # --------------------------------------------------------------------------------- one trial
+    def _objective(self, trial) -> float:
+        import optuna
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+        from optuna.trial import TrialState
+
+        from popo_core import checkpoint
+        from popo_core.train import Trainer
+
+        self._current = trial.number
+        trials = self.study.get_trials(deepcopy=False)
+        me = next(t for t in trials if t.number == trial.number)
+        # Two workers can both see room for one more trial; the later-numbered one steps back.
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        if sum(t.number < trial.number and t.state in live for t in trials) >= self.target:
+            trial.set_user_attr("popo.surplus", True)
+            raise SurplusTrial(f"trial {trial.number}: the study already holds {self.target} trials")
+        values = {p.name: p.suggest(trial) for p in self.space}
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(me)
+        # A retry resumes the dead trial's run: Optuna copied the failed trial's user attrs.
+        previous = me.user_attrs.get("popo.output_dir") if retry_of is not None else None
+        resume = bool(previous) and checkpoint.exists(Path(previous))
+        hooks = _TrialHooks(self, trial, retry_of, reported=set(me.intermediate_values))
+        try:
+            trainer = Trainer(self._trial_config(trial.number, values, previous if resume else None), hooks)
+        except ConfigError:
+            if not resume:
+                raise
+            resume = False  # the dead trial's dir holds another config (the overrides changed): start afresh
+            trainer = Trainer(self._trial_config(trial.number, values, None), hooks)
+        hooks.trainer = trainer
+        trial.set_user_attr("popo.output_dir", str(trainer.output_dir))
+        trial.set_user_attr("popo.worker", f"{socket.gethostname()}:{os.getpid()}")
+        if not resume:
+            trial.set_user_attr("popo.mlflow_run_id", "")
+        self.reporter.trial_started(trial.number, values, str(trainer.output_dir), resume)
+        self.ran += 1
+        try:
+            result = trainer.run()
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("popo.interrupted", True)
+            raise
+        except Exception as err:
+            trial.set_user_attr("popo.error", f"{type(err).__name__}: {_first_line(err)}"[:500])
+            raise
+        finally:
+            hooks.close()
+        value = result.final_accuracy if self.s.metric == "eval/accuracy" else result.metrics.get(self.s.metric)
+        if value is None or not math.isfinite(float(value)):
+            logged = ", ".join(sorted(k for k in result.metrics if not k.startswith("time/"))[:12])
+            raise SweepError(f"--metric {self.s.metric}: no finite value at the last step (logged there: {logged})")
+        return float(value)
+
+    def _trial_config(self, number: int, values: dict[str, Any], output_dir: str | None) -> Config:
+        cfg = copy.deepcopy(self.base)
+        for key, value in values.items():
+            set_key(cfg, key, value)
+        cfg.trainer.output_dir = output_dir or str(self.root / f"trial-{number}")
+        cfg.tracking.run_name = f"{self.name}/trial-{number}"
+        cfg.tracking.parent_run_id = self.parent_id
+        validate(cfg)
+        return cfg
+
+    def _after_trial(self, study, frozen) -> None:
+        self._failures = self._failures + 1 if frozen.state.name == "FAIL" else 0
+        if self.runs:
+            self.runs.trial_finished(frozen)
+            self.runs.log_best(self._best_trial(), self._finished())
+        self.reporter.trial_finished(rows(study.get_trials(deepcopy=False), only=frozen.number)[0])
+
+    def _best_trial(self):
+        try:
+            return self.study.best_trial
+        except ValueError:  # no complete trial yet
+            return None
+
+    def _finished(self) -> int:
+        from optuna.trial import TrialState
+
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    # ----------------------------------------------------------------------------------- MLflow
+    def _open_runs(self):
+        t = self.base.tracking
+        if not t.enabled:
+            return None
+        from popo_core.sweep_mlflow import StudyRuns
+        from popo_core.tracking import redact
+
+        runs = StudyRuns(t.uri, t.experiment, self.name)
+        s = self.s
+        tags = {"popo.sweep.knob": s.knob, "popo.preset": s.preset, "popo.sweep.storage": redact({"u": s.storage})["u"]}
+        params = {"sweep.knob": s.knob, "sweep.preset": s.preset, "sweep.trials": s.trials, "sweep.sampler": s.sampler,
+                  "sweep.pruner": s.pruner, "sweep.metric": s.metric, "sweep.direction": s.direction,
+                  "sweep.overrides": " ".join(s.overrides), "sweep.space": "; ".join(p.describe() for p in self.space)}
+        runs.open_parent(tags, params)
+        return runs
+
+    def _finish(self, elapsed: float) -> SweepResult:
+        from popo_core.plots import sweep_plots
+
+        trials = self.study.get_trials(deepcopy=False)
+        table = rows(trials)
+        best = self._best_trial()
+        best_row = next((r for r in table if best is not None and r.number == best.number), None)
+        plots, notes = sweep_plots(self.study, self.root / "plots", [p.name for p in self.space], self.s.metric)
+        if self.runs:
+            self.runs.log_best(best, self._finished())
+            self.runs.end_orphans(trials)
+            self.runs.finish(plots, trials_csv(table))
+        return SweepResult(self.name, self.target, table, best_row, self.ran, plots, notes, self.parent_id, elapsed)
+
+
+class _TrialHooks:
+    """Trainer callbacks of one trial: report the metric to Optuna each time it is logged (so the
+    pruner can stop the run), tag the training run with the trial, forward to a progress display."""
+
+    def __init__(self, sweep: Sweep, trial, retry_of: int | None, reported: set[int]):
+        self.sweep, self.trial, self.retry_of = sweep, trial, retry_of
+        self.reported = reported  # steps a resumed trial inherited: Optuna refuses them twice
+        self.inner = sweep.reporter.training(trial.number)
+        self.trainer = None
+
+    def on_start(self, start_step: int, total_steps: int, output_dir: Path) -> None:
+        run_id = self.trainer.state.get("run_id") if self.trainer is not None else None
+        if run_id and self.sweep.runs:
+            self.trial.set_user_attr("popo.mlflow_run_id", run_id)
+            tags = {"optuna.study": self.sweep.name, "optuna.trial_number": self.trial.number, "optuna.state": "RUNNING",
+                    "popo.sweep.knob": self.sweep.s.knob,
+                    **{f"optuna.param.{k}": v for k, v in self.trial.params.items()}}
+            if self.retry_of is not None:
+                tags["optuna.retry_of"] = self.retry_of
+            self.sweep.runs.tag_trial_run(run_id, tags, model=self.trainer.model)
+        if self.inner:
+            self.inner.on_start(start_step, total_steps, output_dir)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.inner:
+            self.inner.on_step(step, metrics)
+        value = metrics.get(self.sweep.s.metric)
+        if value is None or not math.isfinite(float(value)) or step in self.reported:
+            return
+        self.trial.report(float(value), step)
+        self.reported.add(step)
+        if self.trial.should_prune():
+            import optuna
+
+            raise optuna.TrialPruned(f"{self.sweep.s.metric}={value:.4g} at step {step}")
+
+    def on_eval(self, step: int, accuracy: float) -> None:
+        if self.inner:
+            self.inner.on_eval(step, accuracy)
+
+    def close(self) -> None:
+        if self.inner is not None and hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+def rows(trials, only: int | None = None) -> list[TrialRow]:
+    """Table rows of a study's trials, each with a note on retries, surplus and failures."""
+    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
+    out = []
+    for t in trials:
+        if only is not None and t.number != only:
+            continue
+        note = ""
+        if t.user_attrs.get("popo.surplus"):
+            note = "not run: the study was full"
+        elif t.state.name == "FAIL":
+            cause = t.user_attrs.get("popo.error") or ("interrupted" if t.user_attrs.get("popo.interrupted")
+                                                       else "worker lost (heartbeat lapsed)")
+            note = cause + (f"; retried as trial {retried_as[t.number]}" if t.number in retried_as else "")
+        elif t.system_attrs.get("failed_trial") is not None:
+            note = f"retry of trial {t.system_attrs['retry_history'][-1]}"
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        out.append(TrialRow(t.number, t.state.name, dict(t.params), t.value, duration, t.user_attrs.get("popo.output_dir"), note))
+    return out
+
+
+def trials_csv(table: list[TrialRow]) -> str:
+    import csv
+    import io
+
+    names = list(dict.fromkeys(k for r in table for k in r.params))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["number", "state", *names, "value", "duration_s", "output_dir", "note"])
+    for r in table:
+        writer.writerow([r.number, r.state, *(r.params.get(k, "") for k in names), "" if r.value is None else r.value,
+                         "" if r.duration_s is None else round(r.duration_s, 2), r.output_dir or "", r.note])
+    return buf.getvalue()
+
+
+def _first_line(err: BaseException) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
