@@ -35,6 +35,7 @@ class ModelConfig:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
+    tie_embeddings: bool = True
 
 
 @dataclass

@@ -32,7 +32,9 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, seed: int = 0):
+def build_tiny_model(
+    tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, tie_embeddings: bool = True, seed: int = 0
+):
     """A random-init Qwen2 causal LM sized for CPU tests (head size hidden_size / num_heads)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -46,7 +48,7 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, n
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=4096,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -105,6 +107,7 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
                 hidden_size=model_cfg.hidden_size,
                 num_layers=model_cfg.num_layers,
                 num_heads=model_cfg.num_heads,
+                tie_embeddings=model_cfg.tie_embeddings,
                 seed=seed,
             ).to(dtype)
         else:
