@@ -65,6 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     responses, golds = answer_pairs(args.data, args.limit)
+    load_before = os.getloadavg()[0]
     warm_up()  # the main thread gets the same warm-up as the pool's forkserver
     seconds: dict[str, list[float]] = {"main thread": [], "pool": []}
     startups, verdicts = [], {}
@@ -93,8 +94,11 @@ def main() -> None:
         "ratio": rate["pool"] / rate["main thread"],
         "verdicts_agree": f"{agree}/{len(responses)}",
         "timeout_s": args.timeout,
+        # other processes share the CPUs: the 1-minute load average before and after the run
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    print(f"{len(responses)} math500 answers (gold and off by one), {os.cpu_count()} CPUs, median of {args.repeats}")
+    print(f"{len(responses)} math500 answers (gold and off by one), {os.cpu_count()} CPUs "
+          f"(load average {result['load_average'][0]} -> {result['load_average'][1]}), median of {args.repeats}")
     print(f"  main thread, one by one : {rate['main thread']:8.1f} answers/s")
     print(f"  process pool, {args.workers} workers : {rate['pool']:8.1f} answers/s  (start-up {result['pool_startup_s']:.2f} s, not counted)")
     print(f"  ratio pool / main thread: {result['ratio']:.2f}x; verdicts agree on {agree}/{len(responses)}")
