@@ -169,13 +169,19 @@ class sqlite_init_lock:
 
     Two processes creating the same MLflow (or Optuna) SQLite file at once race in its schema
     migrations ("duplicate column name", alembic "expected to match one row"); an exclusive lock
-    on `<file>.lock` around the first connection makes one create it and the other find it done.
+    on a lock file named after the database's absolute path (in the temp dir, where it clutters
+    nothing) around the first connection makes one create it and the other find it done.
     A no-op for server URLs and where fcntl is missing.
     """
 
     def __init__(self, uri: str):
+        import hashlib
+
         path = sqlite_path(uri)
-        self.lock_path = None if path is None else path.with_name(path.name + ".lock")
+        self.lock_path = None
+        if path is not None:
+            key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+            self.lock_path = Path(tempfile.gettempdir()) / f"popo-sqlite-{key}.lock"
         self._fh = None
 
     def __enter__(self) -> "sqlite_init_lock":
@@ -183,7 +189,7 @@ class sqlite_init_lock:
             import fcntl
         except ImportError:
             return self
-        if self.lock_path is not None and self.lock_path.parent.is_dir():
+        if self.lock_path is not None:
             self._fh = open(self.lock_path, "a")
             fcntl.flock(self._fh, fcntl.LOCK_EX)
         return self

@@ -1,0 +1,254 @@
+"""`popo sweep`: search spaces, bad input, and end-to-end studies (resume after SIGKILL, two workers)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import run_popo
+
+# A short training budget: 8 steps, evaluations at 0, 4 and 8, checkpoints every 4 steps.
+SHORT = ["trainer.max_steps=8", "trainer.eval_every=4", "rollout.prompts_per_step=6", "rollout.group_size=4",
+         "trainer.save_every=4", "trainer.diagnostics_every=4"]
+FAST_HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "6"]
+
+
+def settings(tmp, knob="momentum", **kw):
+    from popo_core.sweep import SweepSettings
+
+    return SweepSettings(knob=knob, storage=f"sqlite:///{tmp}/optuna.db", overrides=kw.pop("overrides", SHORT), **kw)
+
+
+def load_study(tmp, name):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
+
+
+def states(study):
+    from collections import Counter
+
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def mlflow_runs(tmp):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("popo")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "popo.sweep.study" in r.data.tags]
+    return client, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def popen_popo(*args, cwd):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "popo_cli.main", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished_runs(root: Path) -> list[Path]:
+    """Trial output dirs whose training run reached its end."""
+    return sorted(p.parent for p in root.glob("trial-*/result.json"))
+
+
+# ----------------------------------------------------------------------------------- fast tests
+def test_search_spaces_are_named_by_their_knobs():
+    from popo_core.search_space import knobs, load_space
+
+    assert knobs() == ["all", "clip", "momentum", "penalty"]
+    (m,) = load_space("momentum")
+    assert (m.name, m.low, m.high, m.log) == ("algo.momentum", 0.9, 0.999, False)
+    (c,) = load_space("clip")
+    assert (c.name, c.low, c.high) == ("algo.clip_eps", 0.05, 0.5)
+    (p,) = load_space("penalty")
+    assert (p.name, p.low, p.high, p.log) == ("algo.penalty_weight", 1e-3, 1.0, True)
+    joint = load_space("all")
+    assert {q.name for q in joint} == {"algo.momentum", "algo.clip_eps", "algo.penalty_weight"}
+    for q in joint:
+        assert q.grid and all(q.low <= g <= q.high for g in q.grid)
+
+
+def test_clip_sweep_with_one_step_per_batch_warns(workdir):
+    from popo_core.sweep import Sweep
+
+    one = Sweep(settings(workdir, "clip", overrides=SHORT + ["algo.epochs=1", "algo.mini_batches=1"]))
+    assert len([n for n in one.notes if n.startswith("warning") and "algo.mini_batches" in n]) == 1
+    assert not Sweep(settings(workdir, "clip", study="other")).notes  # the tiny preset takes 2 x 2 steps per batch
+
+
+def test_grid_caps_the_target_and_a_study_keeps_its_knob(workdir):
+    from popo_core.sweep import Sweep, SweepError
+
+    grid = Sweep(settings(workdir, sampler="grid", trials=10))
+    assert grid.target == 4 and any("4 points" in n for n in grid.notes)
+    with pytest.raises(SweepError, match="knob=momentum"):
+        Sweep(settings(workdir, "clip", study="momentum-tiny"))
+
+
+def test_a_trial_beyond_the_target_runs_nothing(workdir):
+    """Two workers may both see room for the last trial; the later-numbered one steps back."""
+    from popo_core.sweep import Reporter, SurplusTrial, Sweep
+
+    job = Sweep(settings(workdir, trials=1))
+    job.reporter, job.runs, job.parent_id = Reporter(), None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna: heartbeats are meant for optimize(); this trial has none
+        job.study.ask()  # another worker's trial, running
+    with pytest.raises(SurplusTrial):
+        job.study.optimize(job._objective, n_trials=1)
+    surplus = job.study.get_trials(deepcopy=False)[-1]
+    assert surplus.state.name == "FAIL" and surplus.user_attrs["popo.surplus"] and not surplus.params
+    assert not (workdir / "sweeps").exists()
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    cases = [
+        (["nope"], ["unknown knob", "momentum"]),
+        (["momentum", "--trials", "0"], ["--trials 0"]),
+        (["momentum", "--storage", "nosuchdb://host/x"], ["--storage"]),
+        (["momentum", "--storage", f"sqlite:///{tmp_path}/no/such/dir/optuna.db"], ["--storage", "unable to open"]),
+        (["momentum", "--storage", "postgresql://user:secret@127.0.0.1:1/optuna"], ["--storage", "user:***@"]),
+        (["momentum", "--storage", "optuna.db"], ["not a database URL"]),
+        (["momentum", "--sampler", "annealing"], ["--sampler annealing", "tpe"]),
+        (["momentum", "tiny", "algo.nope=1"], ["algo.nope"]),
+    ]
+    procs = [(popen_popo("sweep", *args, cwd=tmp_path), fragments) for args, fragments in cases]
+    for proc, fragments in procs:
+        out, err = proc.communicate(timeout=180)
+        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), *fragments)
+        assert "secret" not in out + err
+    assert not (tmp_path / "sweeps").exists()
+
+
+# ------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_momentum_sweep_on_tiny(workdir):
+    proc = run_popo("sweep", "momentum", "tiny", "--trials", "4", *SHORT, cwd=workdir, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "best" in proc.stdout and "algo.momentum" in proc.stdout
+    study = load_study(workdir, "momentum-tiny")
+    assert states(study) == {"COMPLETE": 4}
+    trials = study.get_trials()
+    for t in trials:
+        assert 0.9 <= t.params["algo.momentum"] <= 0.999
+        assert sorted(t.intermediate_values) == [0, 4, 8]  # every evaluation reported for the pruner
+        assert t.value == t.intermediate_values[8]
+    assert len({t.user_attrs["popo.output_dir"] for t in trials}) == 4
+    assert len(finished_runs(workdir / "sweeps" / "momentum-tiny")) == 4
+
+    client, parents, nested = mlflow_runs(workdir)
+    assert len(parents) == 1 and len(nested) == 4
+    parent = parents[0]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in nested)
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in nested}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
+        assert float(run.data.params["algo.momentum"]) == pytest.approx(t.params["algo.momentum"])
+        assert "eval/accuracy" in run.data.metrics and "model.parameters" in run.data.params
+    assert parent.data.metrics["best/value"] == study.best_value
+    assert parent.data.metrics["best/algo.momentum"] == pytest.approx(study.best_params["algo.momentum"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/history.png", "plots/slice.png"} <= artifacts
+    assert "importances skipped" in proc.stdout  # one parameter: importance undefined
+
+    # The same command on a finished study runs nothing.
+    from popo_core.sweep import Sweep
+
+    again = Sweep(settings(workdir, trials=4)).run()
+    assert again.ran == 0 and len(again.rows) == 4
+    assert len(mlflow_runs(workdir)[2]) == 4
+
+
+@pytest.mark.slow
+def test_pruned_trial_ends_cleanly(workdir):
+    import optuna
+
+    from popo_core.sweep import Sweep
+
+    job = Sweep(settings(workdir, trials=1))
+    job.study.pruner = optuna.pruners.ThresholdPruner(lower=2.0, n_warmup_steps=4)  # accuracy < 2: always
+    result = job.run()
+    (row,) = result.rows
+    assert row.state == "PRUNED" and row.value is not None
+    assert sorted(job.study.trials[0].intermediate_values) == [0, 4]  # stopped at the first judged step
+    _, parents, (run,) = mlflow_runs(workdir)
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_trial_resumes_without_rerunning(tmp_path):
+    args = ["sweep", "momentum", "tiny", "--trials", "3", "--study", "kill", *FAST_HEARTBEAT,
+            "trainer.max_steps=24", "trainer.eval_every=8", "trainer.save_every=4",
+            "rollout.prompts_per_step=6", "rollout.group_size=4"]
+    root = tmp_path / "sweeps" / "kill"
+    proc = popen_popo(*args, cwd=tmp_path)
+    log = root / "trial-1" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 7):  # past the step-4 checkpoint
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    first = (root / "trial-0" / "metrics.jsonl").read_text()
+    assert not (root / "trial-1" / "result.json").exists()
+
+    again = run_popo(*args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr + again.stdout
+    study = load_study(tmp_path, "kill")
+    assert states(study) == {"COMPLETE": 3, "FAIL": 1}
+    complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    dirs = [t.user_attrs["popo.output_dir"] for t in complete]
+    assert len(set(dirs)) == 3
+    assert finished_runs(root) == sorted(Path(d) if Path(d).is_absolute() else tmp_path / d for d in dirs)
+    assert (root / "trial-0" / "metrics.jsonl").read_text() == first  # finished trial 0 never reran
+    (dead,) = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    (retry,) = [t for t in complete if t.system_attrs.get("failed_trial") == dead.number]
+    assert retry.params == dead.params
+    assert retry.user_attrs["popo.output_dir"] == dead.user_attrs["popo.output_dir"]  # resumed, not restarted
+    assert "resuming" in again.stdout
+
+    _, parents, nested = mlflow_runs(tmp_path)
+    assert len(parents) == 1
+    assert sorted(r.data.tags["optuna.state"] for r in nested if r.info.status == "FINISHED") == ["COMPLETE"] * 3
+    assert not [r for r in nested if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tmp_path):
+    args = ["sweep", "momentum", "tiny", "--trials", "4", "--study", "shared", *FAST_HEARTBEAT,
+            "trainer.max_steps=16", "trainer.eval_every=8", "trainer.save_every=8",
+            "rollout.prompts_per_step=6", "rollout.group_size=4"]
+    workers = [popen_popo(*args, cwd=tmp_path) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err + out
+    study = load_study(tmp_path, "shared")
+    complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(complete) == 4
+    assert all(t.user_attrs.get("popo.surplus") for t in study.get_trials() if t.state.name != "COMPLETE")
+    assert len({t.user_attrs["popo.output_dir"] for t in complete}) == 4
+    assert len(finished_runs(tmp_path / "sweeps" / "shared")) == 4  # no training run twice
+    ran = [int(out.rsplit("this worker ran ", 1)[1].split()[0]) for out, _ in outputs]
+    assert sum(ran) == 4 and min(ran) >= 1, ran  # both took part, nothing done twice
+    assert len({t.user_attrs["popo.worker"] for t in complete}) == 2
+
+    _, parents, nested = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and len(nested) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parents[0].info.run_id}
+    assert all(r.info.status == "FINISHED" for r in nested)
