@@ -166,13 +166,15 @@ def grade_with_deadline(gold: str, text: str, boxed: bool, normalize: str, secon
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return grade_text(gold, text, boxed, normalize)
+        try:
+            return grade_text(gold, text, boxed, normalize)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm due just now still lands below
     except _Deadline:
         return False, text if boxed else None, "timeout"
     except RecursionError:  # deeply nested braces
         return False, text if boxed else None, "error"
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -280,7 +282,7 @@ class MathVerifier:
         for i, gold, text, boxed in jobs:
             try:
                 if on_main:
-                    result = grade_with_deadline(gold, text, boxed, name, self.soft_deadline)
+                    result = grade_with_deadline(gold, text, boxed, name, self.timeout)
                 else:
                     result = grade_text(gold, text, boxed, name)
                 grades[i] = Grade(*result)
@@ -306,11 +308,9 @@ class MathVerifier:
             i, extracted = futures[future]
             try:
                 grades[i] = Grade(*future.result())
-            except FutureTimeout:
+            except FutureTimeout:  # past the deadline: pebble killed the worker and started another
                 grades[i] = Grade(False, extracted, "timeout")
-            except _Deadline:  # the alarm fired just as grading returned
-                grades[i] = Grade(False, extracted, "timeout")
-            except (ProcessExpired, MemoryError, Exception):
+            except (ProcessExpired, Exception):  # the worker died (e.g. out of memory) or raised
                 grades[i] = Grade(False, extracted, "error")
             if progress:
                 progress(1)
