@@ -63,7 +63,7 @@ def _progress() -> Iterator:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True)
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
 
     def factory(description: str, total: int):
         task = bars.add_task(description, total=total)
