@@ -406,8 +406,10 @@ class _TrialHooks:
         self.reported = reported  # steps a resumed trial inherited: Optuna refuses them twice
         self.inner = sweep.reporter.training(trial.number)
         self.trainer = None
+        self.total_steps = None
 
     def on_start(self, start_step: int, total_steps: int, output_dir: Path) -> None:
+        self.total_steps = total_steps
         run_id = self.trainer.state.get("run_id") if self.trainer is not None else None
         if run_id and self.sweep.runs:
             self.trial.set_user_attr("popo.mlflow_run_id", run_id)
@@ -428,7 +430,8 @@ class _TrialHooks:
             return
         self.trial.report(float(value), step)
         self.reported.add(step)
-        if self.trial.should_prune():
+        # At the last step the run is done: its value is the trial's, nothing is left to save by stopping.
+        if step != self.total_steps and self.trial.should_prune():
             import optuna
 
             raise optuna.TrialPruned(f"{self.sweep.s.metric}={value:.4g} at step {step}")

@@ -190,6 +190,11 @@ def test_pruned_trial_ends_cleanly(workdir):
     _, parents, (run,) = mlflow_runs(workdir)
     assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
 
+    # Judged only at the last step: the run is done by then, so it completes rather than being pruned.
+    late = Sweep(settings(workdir, trials=1, study="late"))
+    late.study.pruner = optuna.pruners.ThresholdPruner(lower=2.0, n_warmup_steps=8)
+    assert [r.state for r in late.run().rows] == ["COMPLETE"]
+
 
 @pytest.mark.slow
 def test_sweep_killed_mid_trial_resumes_without_rerunning(tmp_path):
