@@ -51,6 +51,11 @@ def setup_env() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    # The Hub client logs every retry of an unreachable host; the one-line error says it once.
+    for name in ("huggingface_hub", "datasets", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not sys.warnoptions:
         import warnings
 

@@ -24,7 +24,9 @@ def eval_cmd(
                                              'to grade several benchmarks).'),
     template: Optional[str] = typer.Option(None, "--template", help="Prompt template (default: the model's)."),
     samples: int = typer.Option(1, "--samples", "-k", help="Responses per problem (K)."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy; samples > 1 needs > 0."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help="0 is greedy. Default: greedy for one sample, 1.0 with --samples > 1.",
+        show_default=False),
     top_p: float = typer.Option(1.0, "--top-p"),
     max_new_tokens: int = typer.Option(3000, "--max-new-tokens"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm"),

@@ -31,7 +31,7 @@ class EvalSettings:
     template: str | None = None  # None: the model preset's (or the checkpoint run's) template
     engine: str = "hf"
     samples: int = 1
-    temperature: float = 0.0  # 0: greedy
+    temperature: float | None = None  # 0: greedy; None: greedy for one sample, 1.0 for several
     top_p: float = 1.0
     max_new_tokens: int = 3000
     limit: int | None = None
@@ -58,6 +58,8 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError("give exactly one of --model (generate) or --responses FILE (grade existing responses)")
     if s.samples < 1:
         raise ConfigError(f"--samples {s.samples}: must be >= 1")
+    if s.temperature is None:
+        s.temperature = 0.0 if s.samples == 1 else 1.0
     if s.temperature < 0:
         raise ConfigError(f"--temperature {s.temperature}: must be >= 0 (0: greedy)")
     if s.samples > 1 and s.greedy and s.model is not None:

@@ -96,7 +96,7 @@ BAD_INPUT = {
     ("--bench", "aime24", "--model", "./no/such/dir"): "not a model preset",
     ("--bench", "aime24", "--model", "not_a_model"): "no config.json",
     ("--bench", "aime24", "--model", "tiny", "--samples", "0"): "--samples 0",
-    ("--bench", "aime24", "--model", "tiny", "--samples", "4"): "--temperature > 0",
+    ("--bench", "aime24", "--model", "tiny", "--samples", "4", "--temperature", "0"): "--temperature > 0",
     ("--bench", "aime24", "--model", "tiny", "--template", "chatml"): "--template chatml",
     ("--bench", "aime24"): "exactly one of --model",
     ("--bench", "all", "--data", "ok.jsonl", "--responses", "ok.jsonl"): "single --bench",
