@@ -86,7 +86,7 @@ def render(result) -> None:
         table.add_row(s.label, s.changes, _pm(s.accuracy), _pm(s.delta_accuracy, True), _pm(s.reward),
                       _pm(s.delta_reward, True))
     console.print(table)
-    console.print("[dim]final held-out eval/accuracy (greedy) and final-step training reward/mean: mean ± sample std over "
+    console.print("[dim]final eval/accuracy (greedy, on the preset's evaluation set) and last-step training reward/mean: mean ± sample std over "
                   "seeds; Δ: variant − full POPO on the same seed, mean ± std of the per-seed differences[/]")
     reused = len(result.outcomes) - result.trained
     if result.trained == 0:
