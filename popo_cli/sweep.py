@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from popo_cli.common import console, err_console, fail, setup_env, split_preset, user_errors
 
@@ -50,9 +51,9 @@ def sweep(
         job = Sweep(settings)
         space = "; ".join(p.describe() for p in job.space)
         console.print(f"[bold]popo sweep[/] {knob} on {preset}: study [bold]{job.name}[/] in {_shown(storage)}, "
-                      f"{job.target} finished trials, {sampler} sampler, {pruner} pruner; {space}")
+                      f"up to {job.target} finished trials, {sampler} sampler, {pruner} pruner; {escape(space)}")
         for note in job.notes:
-            err_console.print(f"[yellow]{note}[/]" if note.startswith("warning") else note)
+            err_console.print(f"[yellow]{escape(note)}[/]" if note.startswith("warning") else escape(note))
         from popo_core.train import TrainingAborted
 
         try:
@@ -70,15 +71,15 @@ def _shown(url: str) -> str:
 
 class _Reporter:
     def note(self, message: str) -> None:
-        console.print(f"[dim]{message}[/]")
+        console.print(f"[dim]{escape(message)}[/]")
 
     def trial_started(self, number, params, output_dir, resumed) -> None:
         values = "  ".join(f"{k}={_fmt(v)}" for k, v in params.items())
-        console.print(f"trial {number}: {values} -> {output_dir}{'  (resuming)' if resumed else ''}")
+        console.print(escape(f"trial {number}: {values} -> {output_dir}") + ("  (resuming)" if resumed else ""))
 
     def trial_finished(self, row) -> None:
         value = "" if row.value is None else f" {_fmt(row.value)}"
-        extra = f"  [dim]{row.note}[/]" if row.note else ""
+        extra = f"  [dim]{escape(row.note)}[/]" if row.note else ""
         took = "" if row.duration_s is None else f" in {row.duration_s:.1f} s"
         console.print(f"trial {row.number}: [bold]{row.state.lower()}[/]{value}{took}{extra}")
 
@@ -110,7 +111,7 @@ def _render(result, metric: str) -> None:
         style = "bold green" if r.number == best else None
         table.add_row(str(r.number), r.state.lower(), *(_fmt(r.params[n]) if n in r.params else "" for n in names),
                       "" if r.value is None else _fmt(r.value),
-                      "" if r.duration_s is None else f"{r.duration_s:.1f}", r.note, style=style)
+                      "" if r.duration_s is None else f"{r.duration_s:.1f}", escape(r.note), style=style)
     console.print(table)
     if result.best:
         params = "  ".join(f"{k}={_fmt(v)}" for k, v in result.best.params.items())
@@ -118,7 +119,7 @@ def _render(result, metric: str) -> None:
     else:
         console.print("no complete trial yet")
     for note in result.notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(f"[dim]{escape(note)}[/]")
     if result.plots:
         console.print("plots: " + ", ".join(str(p) for p in result.plots))
     parent = f"; MLflow parent run {result.parent_run_id}" if result.parent_run_id else ""

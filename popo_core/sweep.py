@@ -300,16 +300,19 @@ class Sweep:
             trial.set_user_attr("popo.surplus", True)
             raise SurplusTrial(f"trial {trial.number}: the study already holds {self.target} trials")
         values = {p.name: p.suggest(trial) for p in self.space}
-        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(me)
+        history = RetryHeartbeatStaleTrialCallback.retry_history(me)
+        retry_of = history[-1] if history else None
         # A retry resumes the dead trial's run: Optuna copied the failed trial's user attrs.
         previous = me.user_attrs.get("popo.output_dir") if retry_of is not None else None
         resume = bool(previous) and checkpoint.exists(Path(previous))
         hooks = _TrialHooks(self, trial, retry_of, reported=set(me.intermediate_values))
+        cfg = self._trial_config(trial.number, values, previous if resume else None)
         try:
-            trainer = Trainer(self._trial_config(trial.number, values, previous if resume else None), hooks)
-        except ConfigError:
+            trainer = Trainer(cfg, hooks)  # refuses a dir holding another config's run
+        except ConfigError as err:
             if not resume:
-                raise
+                raise SweepError(f"{err} (left by an earlier study named {self.name!r}? remove {self.root} "
+                                 "or pass --study NAME)") from None
             resume = False  # the dead trial's dir holds another config (the overrides changed): start afresh
             trainer = Trainer(self._trial_config(trial.number, values, None), hooks)
         hooks.trainer = trainer
