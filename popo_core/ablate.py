@@ -31,6 +31,7 @@ RESERVED = {
     "tracking.parent_run_id": "all runs nest under the ablation's own parent run",
     "tracking.run_name": "runs are named <variant>-seed<s>",
     "algo": "the reference is always POPO: use --baseline grpo to add GRPO",
+    "algo.name": "the reference is always POPO: use --baseline grpo to add GRPO",
 }
 
 

@@ -127,6 +127,7 @@ def test_plan_is_deterministic_and_names_dirs_by_hash(tmp_path):
         (["bound"], 2, None, ["trainer.seed=3"], "trainer.seed is set by popo ablate"),
         (["bound"], 2, None, ["trainer.output_dir=x"], "trainer.output_dir is set by popo ablate"),
         (["bound"], 2, None, ["algo=grpo"], "--baseline grpo"),
+        (["bound"], 2, None, ["algo.name=grpo"], "--baseline grpo"),
         (["momentum"], 2, None, ["algo.momentum=1.0"], "drop-momentum resolves to the same config as popo"),
     ],
 )
