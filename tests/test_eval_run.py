@@ -35,11 +35,17 @@ def test_hub_ids_and_bad_paths():
 
 def test_settings_checks():
     validate(EvalSettings(["aime24"], model="tiny"))
+    several = EvalSettings(["aime24"], model="tiny", samples=4)
+    validate(several)
+    assert several.temperature == 1.0 and not several.greedy  # K > 1 samples at 1.0 by default
+    one = EvalSettings(["aime24"], model="tiny")
+    validate(one)
+    assert one.greedy
     validate(EvalSettings(["aime24"], responses="r.jsonl", samples=1))
     bad = [
         dict(model="tiny", responses="r.jsonl"),
         dict(model="tiny", samples=0),
-        dict(model="tiny", samples=2),  # greedy
+        dict(model="tiny", samples=2, temperature=0.0),  # greedy K > 1 repeats one response
         dict(model="tiny", temperature=-1.0),
         dict(model="tiny", top_p=0.0),
         dict(model="tiny", max_new_tokens=0),
