@@ -47,6 +47,10 @@ class EvalSettings:
     tracking_uri: str | None = None
     experiment: str = "popo"
 
+    def __post_init__(self) -> None:
+        if self.temperature is None:
+            self.temperature = 0.0 if self.samples == 1 else 1.0
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -58,8 +62,6 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError("give exactly one of --model (generate) or --responses FILE (grade existing responses)")
     if s.samples < 1:
         raise ConfigError(f"--samples {s.samples}: must be >= 1")
-    if s.temperature is None:
-        s.temperature = 0.0 if s.samples == 1 else 1.0
     if s.temperature < 0:
         raise ConfigError(f"--temperature {s.temperature}: must be >= 0 (0: greedy)")
     if s.samples > 1 and s.greedy and s.model is not None:
