@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -78,9 +79,13 @@ def prompt_batch(problems: list[Problem], step: int, size: int, seed: int) -> li
     out, n = [], len(problems)
     for i in range((step - 1) * size, step * size):
         epoch, pos = divmod(i, n)
-        order = random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
-        out.append(problems[order[pos]])
+        out.append(problems[_permutation(n, seed * 1_000_003 + epoch)[pos]])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int) -> list[int]:
+    return random.Random(seed).sample(range(n), n)
 
 
 def frozen_copy(model):
@@ -323,8 +328,9 @@ class Trainer:
         """algo.epochs passes of algo.mini_batches optimizer steps over the rollout batch."""
         cfg, a, obj = self.cfg, self.cfg.algo, self.objective
         n = len(rollouts)
-        positive = [i for i in range(n) if rewards[i] > 0.5]
-        negative = [i for i in range(n) if rewards[i] <= 0.5]
+        correct = (rewards > 0.5).tolist()
+        positive = [i for i in range(n) if correct[i]]
+        negative = [i for i in range(n) if not correct[i]]
         rows = list(range(n)) if obj.forward_negatives else positive
         lengths = torch.tensor([len(c) for c in rollouts.completion_ids], device=self.device)
         group_t = torch.tensor(rollouts.group_ids, device=self.device)
@@ -355,8 +361,7 @@ class Trainer:
                     norms = obj.step_normalisers(rewards[mb_idx], group_t[mb_idx], lengths[mb_idx])
                 else:
                     norms = obj.step_normalisers(rewards[mb_rows], group_t[mb_rows], lengths[mb_rows]) if mb_rows else {}
-                pos_mb = [i for i in mb_rows if rewards[i] > 0.5]
-                pen_norm = max(len(pos_mb), 1)
+                pen_norm = max(sum(correct[i] for i in mb_rows), 1)
                 finite, stats = True, []
                 for micro in pack_groups(mb_rows, rollouts.group_ids, cfg.trainer.micro_batch_size):
                     seqs, lp, h = self._forward(self.model, rollouts, micro, hidden=obj.penalty_input == "hidden", grad=True)
@@ -444,20 +449,19 @@ class Trainer:
 
 
 def _stack(by_row: dict[int, torch.Tensor], rows: list[int], mask: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    for j, row in enumerate(rows):
-        out[j, : len(by_row[row])] = by_row[row]
-    return out
+    """Per-row token tensors as one [len(rows), T] tensor shaped like `mask`, zero-padded."""
+    out = torch.nn.utils.rnn.pad_sequence([by_row[r] for r in rows], batch_first=True)
+    return torch.nn.functional.pad(out, (0, mask.shape[1] - out.shape[1])).float()
 
 
 def _mismatch(recomputed: torch.Tensor, rollouts: Rollouts, rows: list[int], mask) -> float:
     """Mean |sampler log-prob - trainer log-prob| over tokens (METHOD.md, Setting)."""
-    total, count = 0.0, 0
-    for j, row in enumerate(rows):
-        sampler = torch.tensor(rollouts.logprobs[row], device=recomputed.device)
-        total += float((recomputed[j, : len(sampler)] - sampler).abs().sum())
-        count += len(sampler)
-    return total / max(count, 1)
+    width = recomputed.shape[1]
+    sampler = [row[:width] + [0.0] * (width - len(row)) for row in (rollouts.logprobs[r] for r in rows)]
+    valid = [[1.0] * min(len(rollouts.logprobs[r]), width) + [0.0] * (width - len(rollouts.logprobs[r])) for r in rows]
+    sampler_t = torch.tensor(sampler, device=recomputed.device)
+    valid_t = torch.tensor(valid, device=recomputed.device)
+    return float(((recomputed.float() - sampler_t).abs() * valid_t).sum() / valid_t.sum().clamp_min(1.0))
 
 
 def train(cfg: Config, callbacks: Callbacks | None = None) -> TrainResult:
