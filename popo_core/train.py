@@ -346,44 +346,25 @@ class Trainer:
         ref = self._logprobs(self.reference, rollouts, rows) if self.reference is not None and rows else {}
 
         sums: dict[str, float] = {}
-        weight_total = 0.0
-        forward_tokens = 0
-        mismatch = []
+        weight_total, forward_tokens, mismatch = 0.0, 0, []
         gen = torch.Generator().manual_seed(cfg.trainer.seed * 7919 + step)
         n_prompts = max(rollouts.group_ids) + 1
         for _ in range(a.epochs):
             order = torch.randperm(n_prompts, generator=gen).tolist()
-            for chunk in (order[k :: a.mini_batches] for k in range(a.mini_batches)):
-                chosen = set(chunk)
-                mb_rows = [i for i in rows if rollouts.group_ids[i] in chosen]
-                mb_idx = torch.tensor(sorted(i for i in range(n) if rollouts.group_ids[i] in chosen), device=self.device)
-                if obj.kind == "grpo":
-                    norms = obj.step_normalisers(rewards[mb_idx], group_t[mb_idx], lengths[mb_idx])
-                else:
-                    norms = obj.step_normalisers(rewards[mb_rows], group_t[mb_rows], lengths[mb_rows]) if mb_rows else {}
-                pen_norm = max(sum(correct[i] for i in mb_rows), 1)
-                finite, stats = True, []
-                for micro in pack_groups(mb_rows, rollouts.group_ids, cfg.trainer.micro_batch_size):
-                    seqs, lp, h = self._forward(self.model, rollouts, micro, hidden=obj.penalty_input == "hidden", grad=True)
-                    mask = seqs.mask
-                    old_lp = lp.detach() if single_update else _stack(old, micro, mask)
-                    if single_update and rollouts.logprobs is not None:
-                        mismatch.append(_mismatch(lp.detach(), rollouts, micro, mask))
-                    kwargs = {"ref_logprobs": _stack(ref, micro, mask)} if ref else {}
-                    loss, m = obj.policy_loss(lp, old_lp, mask, rewards[micro], group_t[micro], **norms, **kwargs)
-                    m["loss/policy"] = float(loss.detach())
-                    pos = rewards[micro] > 0.5
-                    if obj.penalty is not None and bool(pos.any()):
-                        penalty, pm = self._penalty(rollouts, micro, seqs, lp, h, pos, pen_norm)
-                        loss = loss + obj.penalty_weight * penalty
-                        m.update(pm)
-                    finite &= bool(torch.isfinite(loss.detach()))
-                    if loss.requires_grad:
-                        loss.backward()
-                    stats.append((int(mask.sum()), m))
-                    forward_tokens += int(mask.sum())
-                self._optimizer_step(finite and bool(mb_rows), stats, sums)
-                weight_total += sum(w for w, _ in stats)
+            for chunk in (set(order[k :: a.mini_batches]) for k in range(a.mini_batches)):
+                # One optimizer step on the groups in `chunk`, normalised as one batch (section 1).
+                batch = [i for i in range(n) if rollouts.group_ids[i] in chunk]
+                mb_rows = [i for i in rows if rollouts.group_ids[i] in chunk]
+                norm_rows = torch.tensor(batch if obj.kind == "grpo" else mb_rows, dtype=torch.long, device=self.device)
+                norms = obj.step_normalisers(rewards[norm_rows], group_t[norm_rows], lengths[norm_rows]) if mb_rows else {}
+                n_pos = max(sum(correct[i] for i in mb_rows), 1)
+                stats, finite = self._accumulate_gradients(rollouts, rewards, group_t, mb_rows, norms, n_pos, old, ref, mismatch)
+                forward_tokens += sum(w for w, _ in stats)
+                if self._optimizer_step(finite and bool(mb_rows), stats):
+                    for weight, m in stats:
+                        for k, v in m.items():
+                            sums[k] = sums.get(k, 0.0) + weight * v
+                    weight_total += sum(w for w, _ in stats)
         if not single_update and old:
             mismatch.append(_mismatch(torch.nn.utils.rnn.pad_sequence([old[i] for i in rows], batch_first=True),
                                       rollouts, rows, None))
@@ -403,6 +384,33 @@ class Trainer:
             metrics["implicit_neg/delta_logp"] = self._mean_logprob(negative, rollouts) - before
         return metrics
 
+    def _accumulate_gradients(self, rollouts, rewards, group_t, mb_rows, norms, n_pos, old, ref, mismatch):
+        """Forward and backward over micro-batches of whole groups; gradients add up to the step's."""
+        obj, stats, finite = self.objective, [], True
+        for micro in pack_groups(mb_rows, rollouts.group_ids, self.cfg.trainer.micro_batch_size):
+            seqs, lp, h = self._forward(self.model, rollouts, micro, hidden=obj.penalty_input == "hidden", grad=True)
+            mask = seqs.mask
+            if old:
+                old_lp = _stack(old, micro, mask)
+            else:  # one update per batch: this forward is at pi_old (rho = 1 exactly)
+                old_lp = lp.detach()
+                if rollouts.logprobs is not None:
+                    mismatch.append(_mismatch(old_lp, rollouts, micro, mask))
+            kwargs = {"ref_logprobs": _stack(ref, micro, mask)} if ref else {}
+            loss, m = obj.policy_loss(lp, old_lp, mask, rewards[micro], group_t[micro], **norms, **kwargs)
+            m.pop("positives", None)
+            m["loss/policy"] = float(loss.detach())
+            pos = rewards[micro] > 0.5
+            if obj.penalty is not None and bool(pos.any()):
+                penalty, pm = self._penalty(rollouts, micro, seqs, lp, h, pos, n_pos)
+                loss = loss + obj.penalty_weight * penalty
+                m.update(pm)
+            finite &= bool(torch.isfinite(loss.detach()))
+            if loss.requires_grad:
+                loss.backward()
+            stats.append((int(mask.sum()), m))
+        return stats, finite
+
     def _penalty(self, rollouts, micro, seqs, lp, h, pos, n_positives):
         obj = self.objective
         want_hidden = obj.penalty_input == "hidden"
@@ -420,17 +428,17 @@ class Trainer:
             return obj.penalty(h[pos][:, :width], mom_h, mask, predictor=self.predictor, n_positives=n_positives)
         return obj.penalty(lp[pos][:, :width], mom_lp, mask, n_positives=n_positives)
 
-    def _optimizer_step(self, ok: bool, stats: list, sums: dict[str, float]) -> None:
+    def _optimizer_step(self, ok: bool, stats: list) -> bool:
+        """Clip, step and update the momentum network; skip (and count) a non-finite step."""
         a, o = self.cfg.algo, self.cfg.optim
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)) if ok else float("nan")
-        if ok and math.isfinite(grad_norm):
+        stepped = ok and math.isfinite(grad_norm)
+        if stepped:
             self.optimizer.step()
             self.scheduler.step()
             self.state["nonfinite"] = 0
-            for weight, m in stats:
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + weight * v
-            sums["grad/norm"] = sums.get("grad/norm", 0.0) + grad_norm * sum(w for w, _ in stats)
+            for _, m in stats:
+                m["grad/norm"] = grad_norm
         else:
             self.state["skipped"] += 1
             if stats:  # had positives (or completions) but the loss or gradient was not finite
@@ -446,6 +454,7 @@ class Trainer:
             m = momentum_at(self.state["updates"], self.total_updates, a.momentum, a.momentum_schedule)
             # Section 2: xi <- m * xi + (1 - m) * theta after every optimizer step.
             momentum_update_(self.momentum_net.parameters(), self.model.parameters(), m)
+        return stepped
 
 
 def _stack(by_row: dict[int, torch.Tensor], rows: list[int], mask: torch.Tensor) -> torch.Tensor:
