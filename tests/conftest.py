@@ -43,3 +43,13 @@ def tiny_overrides(tmp: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def assert_one_line_error(proc, *fragments):
+    """Exit code 2, no traceback, exactly one `error: ...` line on stderr holding every fragment."""
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

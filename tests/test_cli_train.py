@@ -5,16 +5,7 @@ import time
 
 import pytest
 
-from conftest import BENCH, run_popo, tiny_overrides
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+from conftest import BENCH, assert_one_line_error, run_popo, tiny_overrides
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_popo
+from conftest import assert_one_line_error, run_popo
 
 # A short training budget: 8 steps, evaluations at 0, 4 and 8, checkpoints every 4 steps.
 SHORT = ["trainer.max_steps=8", "trainer.eval_every=4", "rollout.prompts_per_step=6", "rollout.group_size=4",
@@ -105,15 +105,6 @@ def test_a_trial_beyond_the_target_runs_nothing(workdir):
     surplus = job.study.get_trials(deepcopy=False)[-1]
     assert surplus.state.name == "FAIL" and surplus.user_attrs["popo.surplus"] and not surplus.params
     assert not (workdir / "sweeps").exists()
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):
