@@ -51,6 +51,7 @@ def setup_env() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read by huggingface_hub's own logging set-up
     import logging
 
     # The Hub client logs every retry of an unreachable host; the one-line error says it once.
