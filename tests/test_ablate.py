@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -311,8 +312,15 @@ class CrashAt(Reporter):
         return Crash()
 
 
+def mlflow_client():
+    # Explicit URI: mlflow's module-level tracking URI is process-global.
+    return mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
 def mlflow_runs():
-    return mlflow.search_runs(experiment_names=["popo"], output_format="list")
+    client = mlflow_client()
+    exp = client.get_experiment_by_name("popo")
+    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 def test_killed_run_resumes_from_its_checkpoint_under_the_same_parent(workdir):
@@ -353,7 +361,7 @@ def test_ablate_cli_end_to_end_and_rerun_trains_nothing(workdir):
     assert {(r.data.tags["popo.variant"], r.data.tags["popo.seed"]) for r in children} == {
         (v, str(s)) for v in (FULL, "drop-siamese", "drop-bound") for s in (0, 1)
     }
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    artifacts = {a.path for a in mlflow_client().list_artifacts(parent.info.run_id)}
     assert {"summary.json", "summary.csv", "runs.csv", "accuracy.png", "curves.png"} <= artifacts
 
     key = parent.data.tags["popo.ablation_key"]

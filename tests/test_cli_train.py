@@ -57,7 +57,7 @@ def test_tiny_model_trains_on_real_math_data(tmp_path):
     """The math path end to end: a JSONL training file, math-verify rewards, a held-out set."""
     proc = run_popo(
         "train", "tiny", "data=math", f"data.path={BENCH / 'gsm8k.jsonl'}", f"data.eval_path={BENCH / 'aime25.jsonl'}",
-        "data.eval_size=4", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "data.eval_size=4", "rollout.max_new_tokens=8", "rollout.prompts_per_step=3", "rollout.group_size=2",
         "trainer.max_steps=2", "trainer.eval_every=0", f"trainer.output_dir={tmp_path}/run", "tracking.enabled=false",
         cwd=tmp_path, timeout=300,
     )
@@ -80,8 +80,8 @@ def test_popo_train_tiny_learns(tmp_path, seed):
     assert any(r.get("clip/fraction", 0) > 0 for r in rows)
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["popo"], output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("popo").experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["eval/accuracy"] >= 0.9
     assert runs[0].data.params["trainer.seed"] == str(seed)
     print(f"seed {seed}: {evals} in {elapsed:.0f}s")

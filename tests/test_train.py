@@ -47,13 +47,15 @@ def test_short_run_logs_everything_to_mlflow(workdir):
 
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=["popo"], output_format="list")
+    # An explicit client: mlflow's module-level tracking URI is process-global and other tests set it.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("popo").experiment_id])
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
     assert run.data.params["algo.momentum"] == "0.99" and run.data.params["algo.name"] == "popo"
     assert {"reward/mean", "eval/accuracy", "clip/fraction"} <= set(run.data.metrics)
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves.png", "metrics.jsonl"} <= artifacts
 
 
