@@ -28,7 +28,8 @@ def eval_cmd(
         None, "--temperature", help="0 is greedy. Default: greedy for one sample, 1.0 with --samples > 1.",
         show_default=False),
     top_p: float = typer.Option(1.0, "--top-p"),
-    max_new_tokens: int = typer.Option(3000, "--max-new-tokens"),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", help="Length limit. Default: the model preset's (3000; tiny: 32).", show_default=False),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for summary.json and samples.jsonl."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Log as a child of this MLflow (training) run."),

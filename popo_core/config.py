@@ -31,6 +31,7 @@ class ModelConfig:
     template: str = "plain"  # prompt template, see popo_core.data.TEMPLATES
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
+    bench_max_new_tokens: int = 3000  # `popo eval`'s default --max-new-tokens for this model
     # Only for name_or_path=tiny: a Qwen2 architecture this small (head size hidden/heads >= 32).
     hidden_size: int = 64
     num_layers: int = 2

@@ -33,7 +33,7 @@ class EvalSettings:
     samples: int = 1
     temperature: float | None = None  # 0: greedy; None: greedy for one sample, 1.0 for several
     top_p: float = 1.0
-    max_new_tokens: int = 3000
+    max_new_tokens: int | None = None  # None: the model's bench_max_new_tokens (3000 for real models)
     limit: int | None = None
     workers: int | None = None  # None: min(4, cpu count)
     timeout: int = 5
@@ -68,7 +68,7 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError(f"--samples {s.samples} with greedy decoding repeats one response; set --temperature > 0")
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"--top-p {s.top_p}: must be in (0, 1]")
-    if s.max_new_tokens < 1:
+    if s.max_new_tokens is not None and s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {s.max_new_tokens}: must be >= 1")
     if s.limit is not None and s.limit < 1:
         raise ConfigError(f"--limit {s.limit}: must be >= 1")
@@ -114,6 +114,7 @@ def resolve_model(spec: str, template: str | None = None):
                 saved = OmegaConf.load(run_config).get("model", {})
                 cfg.template = saved.get("template", cfg.template)
                 cfg.dtype = saved.get("dtype", cfg.dtype)
+                cfg.bench_max_new_tokens = saved.get("bench_max_new_tokens", cfg.bench_max_new_tokens)
                 break
         if not (Path(spec) / "config.json").is_file():
             raise ModelLoadError(f"--model {spec}: directory has no config.json (not a saved model)")
@@ -193,6 +194,8 @@ def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalR
     given = _match_all(s, benches, problem_sets, limited) if s.responses else {}
     experiment = _experiment(s) if s.tracking else None  # an unknown --run-id fails before any work
     model_cfg = resolve_model(s.model, s.template) if s.model else None
+    if s.max_new_tokens is None:
+        s.max_new_tokens = model_cfg.bench_max_new_tokens if model_cfg else 3000
 
     with MathVerifier(workers=s.workers, timeout=s.timeout) as verifier:
         verifier.start()
