@@ -199,11 +199,10 @@ def find_finished(run: PlannedRun) -> RunOutcome | None:
     if not found:
         return None
     mlflow_run = found[0]
-    c = tracking.client(t.uri)
     by_step: dict[int, dict[str, float]] = {}
     for key in ("reward/mean", "eval/accuracy"):
         # A resumed run logs the redone steps twice: the later value wins, as in its result.json.
-        for m in sorted(tracking._retry(lambda: c.get_metric_history(mlflow_run.info.run_id, key)), key=lambda m: m.timestamp):
+        for m in tracking.metric_history(t.uri, mlflow_run.info.run_id, key):
             by_step.setdefault(m.step, {"step": m.step})[key] = m.value
     history = [by_step[s] for s in sorted(by_step)]
     metrics = mlflow_run.data.metrics
@@ -220,11 +219,9 @@ def _tag(run: PlannedRun, run_id: str | None, ablation_key: str) -> None:
     t = run.cfg.tracking
     if not (t.enabled and run_id):
         return
-    c = tracking.client(t.uri)
     tags = {"popo.config_hash": run.config_hash, "popo.seed": str(run.seed), "popo.variant": run.variant.name,
             "popo.ablation": ablation_key}
-    for k, v in tags.items():
-        tracking._retry(lambda: c.set_tag(run_id, k, v))
+    tracking.update_run(t.uri, run_id, tags=tags)
 
 
 def train_one(run: PlannedRun, ablation_key: str, callbacks=None) -> RunOutcome:

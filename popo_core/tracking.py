@@ -230,6 +230,12 @@ def update_run(uri: str | None, run_id: str, *, tags: Mapping[str, Any] | None =
         _retry(lambda: c.set_terminated(run_id, status=status))
 
 
+def metric_history(uri: str | None, run_id: str, key: str) -> list:
+    """Every logged value of one metric of a run, oldest first."""
+    c = client(uri)
+    return sorted(_retry(lambda: c.get_metric_history(run_id, key)), key=lambda m: m.timestamp)
+
+
 def run_status(uri: str | None, run_id: str) -> str | None:
     """A run's status (RUNNING, FINISHED, FAILED, KILLED), None if the store has no such run."""
     try:
