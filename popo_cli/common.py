@@ -32,6 +32,15 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130)
 
 
+def progress_bar(*extra_columns, transient: bool = False):
+    """The one rich progress bar popo shows: description, bar, n/total, elapsed, remaining, extras."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), *extra_columns, console=console, transient=transient,
+                    disable=transient and not console.is_terminal)
+
+
 def split_preset(preset: str | None, overrides: list[str] | None, default: str = "tiny") -> tuple[str, list[str]]:
     """`popo train algo=grpo` means the default preset with an override."""
     overrides = list(overrides or [])

@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from popo_cli.common import console, setup_env, user_errors
+from popo_cli.common import console, progress_bar, setup_env, user_errors
 
 BENCH_HELP = "aime24, aime25, amc23, math500, gsm8k, minerva_math, olympiadbench, or all. Repeat for several."
 
@@ -63,10 +63,7 @@ def eval_cmd(
 
 @contextmanager
 def _progress() -> Iterator:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
+    bars = progress_bar(transient=True)
 
     def factory(description: str, total: int):
         task = bars.add_task(description, total=total)

@@ -7,22 +7,18 @@ from typing import List, Optional
 
 import typer
 
-from popo_cli.common import console, fail, preset_help, setup_env, split_preset, user_errors
+from popo_cli.common import console, fail, preset_help, progress_bar, setup_env, split_preset, user_errors
 
 
 def make_progress_callbacks(label: str = "train"):
     """A rich progress bar showing step, reward and held-out accuracy live."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
 
     from popo_core.train import Callbacks
 
     class ProgressCallbacks(Callbacks):
         def __init__(self):
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=console, transient=False,
-            )
+            self.progress = progress_bar(TextColumn("{task.fields[info]}"))
             self.task = None
             self.accuracy = float("nan")
 
@@ -56,17 +52,16 @@ def train(
         cfg = compose(preset, overrides)
         from popo_core.train import Trainer, TrainingAborted
 
-        trainer = Trainer(cfg)
+        bar = make_progress_callbacks(f"{preset}/{cfg.algo.name}")
+        trainer = Trainer(cfg, bar)
         console.print(f"[bold]popo train[/] {preset} ({cfg.algo.name}) -> {trainer.output_dir}"
                       f"  [dim](rerun with trainer.output_dir={trainer.output_dir} to resume)[/]")
-        trainer.cb = make_progress_callbacks(f"{preset}/{cfg.algo.name}")
         try:
             result = trainer.run()
         except TrainingAborted as err:
             fail(str(err), code=1)
         finally:
-            if hasattr(trainer.cb, "close"):
-                trainer.cb.close()
+            bar.close()
     if result.resumed_complete:
         console.print(f"already complete at step {result.step}: nothing to train")
     acc = "n/a" if result.final_accuracy is None else f"{result.final_accuracy:.3f}"

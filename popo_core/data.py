@@ -7,6 +7,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from popo_core.errors import DataError
 
@@ -32,6 +33,12 @@ def render(template: str, problem: str) -> str:
     if template not in TEMPLATES:
         raise DataError(f"unknown prompt template {template!r} (choose from: {', '.join(TEMPLATES)})")
     return TEMPLATES[template].format(problem=problem)
+
+
+def prompt_ids(tokenizer, template: str, problems: Sequence[Problem]) -> list[list[int]]:
+    """Token ids of each problem's rendered prompt, in one batched tokenizer call."""
+    texts = [render(template, p.problem) for p in problems]
+    return tokenizer(texts, add_special_tokens=False).input_ids if texts else []
 
 
 def tiny_problems(modulus: int = 10, operands: int = 2) -> list[Problem]:

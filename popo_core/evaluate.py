@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from popo_core.data import Problem, render
+from popo_core.data import Problem, prompt_ids
 from popo_core.rewards import Grade, Verifier, grade_counts
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -50,9 +50,8 @@ def evaluate_problems(
     responses: list[list[str]] = []
     for start in range(0, len(problems), batch_prompts):
         chunk = problems[start : start + batch_prompts]
-        prompt_ids = [tokenizer(render(template, p.problem), add_special_tokens=False).input_ids for p in chunk]
         out = engine.generate(
-            prompt_ids, n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy
+            prompt_ids(tokenizer, template, chunk), n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy
         )
         responses.extend(out.texts[i * samples : (i + 1) * samples] for i in range(len(chunk)))
         if progress:

@@ -17,7 +17,7 @@ import torch
 
 from popo_core import checkpoint
 from popo_core.config import Config, ConfigError, to_flat_dict, to_yaml
-from popo_core.data import Problem, load_problems, render, tiny_split
+from popo_core.data import Problem, load_problems, prompt_ids, tiny_split
 from popo_core.evaluate import evaluate_problems
 from popo_core.models import load_model_and_tokenizer, resolve_device, save_policy
 from popo_core.objective import Objective, build_objective
@@ -271,8 +271,7 @@ class Trainer:
         cfg, r = self.cfg, self.cfg.rollout
         t0 = time.perf_counter()
         problems = prompt_batch(self.train_set, step, r.prompts_per_step, cfg.trainer.seed)
-        prompt_ids = [self.tokenizer(render(cfg.model.template, p.problem), add_special_tokens=False).input_ids for p in problems]
-        rollouts = self.engine.generate(prompt_ids, n=r.group_size, temperature=r.temperature, top_p=r.top_p,
+        rollouts = self.engine.generate(prompt_ids(self.tokenizer, cfg.model.template, problems), n=r.group_size, temperature=r.temperature, top_p=r.top_p,
                                         max_new_tokens=r.max_new_tokens)
         t_gen = time.perf_counter()
         grades = self.verifier(rollouts.texts, [problems[g].answer for g in rollouts.group_ids])
