@@ -1,4 +1,4 @@
-"""`popo ablate [PRESET] --drop COMPONENT [--drop ...] [--seeds S] [--baseline grpo] [key=value ...]`."""
+"""`popo ablate [PRESET] --drop COMPONENT [--drop ...] [--seeds S] [--baseline NAME ...] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def ablate(
     overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides for every variant, e.g. trainer.max_steps=200"),
     drop: List[str] = typer.Option([], "--drop", "-d", help=DROP_HELP, show_default=False),
     seeds: int = typer.Option(3, "--seeds", "-s", help="Seeds 0..S-1, the same for every variant (paired)."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="Add a baseline under the same budget: grpo."),
+    baseline: List[str] = typer.Option([], "--baseline", "-b", help="Add a registered method under the same budget "
+                                       "(grpo, dr_grpo, rft, raft_pp, psr, nsr, w_reinforce). Repeat for several.",
+                                       show_default=False),
     output_dir: Path = typer.Option(Path("ablations"), "--output-dir", "-o",
                                     help="Runs go to DIR/<preset>/<variant>-seed<s>-<hash>, the summary to DIR/<preset>/ablation-<key>."),
 ) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from popo_core.config import Config, compose, config_dir, to_flat_dict
+from popo_core.config import Config, compose, config_dir, methods, to_flat_dict
 from popo_core.errors import UserError
 
 FULL = "popo"  # the reference variant: full POPO with the preset's (and the user's) settings
@@ -30,8 +30,8 @@ RESERVED = {
     "trainer.output_dir": "each run gets <output-dir>/<preset>/<variant>-seed<s>-<hash>: use --output-dir",
     "tracking.parent_run_id": "all runs nest under the ablation's own parent run",
     "tracking.run_name": "runs are named <variant>-seed<s>",
-    "algo": "the reference is always POPO: use --baseline grpo to add GRPO",
-    "algo.name": "the reference is always POPO: use --baseline grpo to add GRPO",
+    "algo": "the reference is always POPO: use --baseline NAME to add another method",
+    "algo.name": "the reference is always POPO: use --baseline NAME to add another method",
 }
 
 
@@ -48,25 +48,33 @@ class Variant:
     overrides: tuple[str, ...] = ()
 
 
-def variant_table(path: str | Path | None = None) -> tuple[dict[str, Variant], dict[str, Variant]]:
-    """(components, baselines) from experiments/ablations.yaml, in file order."""
+def variant_table(path: str | Path | None = None) -> dict[str, Variant]:
+    """The components of experiments/ablations.yaml, in file order."""
     import yaml
 
     raw = yaml.safe_load(Path(path or config_dir() / "ablations.yaml").read_text())
-    components = {
+    return {
         name: Variant(f"drop-{name}", f"drop {name}", spec["changes"], tuple(spec["overrides"]))
         for name, spec in raw["components"].items()
     }
-    baselines = {
-        name: Variant(name, f"{name} (baseline)", spec["changes"], tuple(spec["overrides"]))
-        for name, spec in raw["baselines"].items()
-    }
-    return components, baselines
 
 
-def select_variants(drops: Sequence[str], baseline: str | None = None) -> list[Variant]:
-    """Full POPO first, then the dropped components in table order (`all`: every one), then the baseline."""
-    components, baselines = variant_table()
+def baseline_variant(name: str) -> Variant:
+    """Any registered method (`algo=<name>`) under the same budget: the preset's rollout,
+    optimizer and trainer settings and the user's overrides."""
+    from popo_core.algos import METHODS
+
+    choices = [m for m in methods() if m != FULL]
+    if name not in choices:
+        raise AblationError(f"--baseline {name}: unknown baseline (choose from: {', '.join(choices)})")
+    return Variant(name, f"{name} (baseline)", METHODS[name].summary, (f"algo={name}",))
+
+
+def select_variants(drops: Sequence[str], baselines: Sequence[str] | str | None = ()) -> list[Variant]:
+    """Full POPO first, then the dropped components in table order (`all`: every one), then the
+    baselines in the order given."""
+    components = variant_table()
+    baselines = [baselines] if isinstance(baselines, str) else list(baselines or [])
     wanted = set()
     for d in drops:
         name = d.strip().lower()
@@ -76,13 +84,11 @@ def select_variants(drops: Sequence[str], baseline: str | None = None) -> list[V
             wanted.add(name)
         else:
             raise AblationError(f"--drop {d}: unknown component (choose from: {', '.join(components)}, all)")
-    if baseline is not None and baseline not in baselines:
-        raise AblationError(f"--baseline {baseline}: unknown baseline (choose from: {', '.join(baselines)})")
-    if not wanted and baseline is None:
-        raise AblationError("nothing to compare: give --drop COMPONENT (or --drop all) and/or --baseline grpo")
+    chosen_baselines = [baseline_variant(b) for b in dict.fromkeys(baselines)]
+    if not wanted and not chosen_baselines:
+        raise AblationError("nothing to compare: give --drop COMPONENT (or --drop all) and/or --baseline NAME")
     full = Variant(FULL, "popo (full)", "full POPO")
-    chosen = [full] + [v for name, v in components.items() if name in wanted]
-    return chosen + ([baselines[baseline]] if baseline else [])
+    return [full] + [v for name, v in components.items() if name in wanted] + chosen_baselines
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -131,12 +137,14 @@ def plan(
     preset: str,
     drops: Sequence[str],
     seeds: int,
-    baseline: str | None = None,
+    baselines: Sequence[str] | str | None = (),
     overrides: Sequence[str] = (),
     root: str | Path = "ablations",
 ) -> Ablation:
     """Resolve every (variant, seed) config; no run starts and nothing is written."""
-    variants = select_variants(drops, baseline)
+    from popo_core.objective import build_objective
+
+    variants = select_variants(drops, baselines)
     if seeds < 1:
         raise AblationError(f"--seeds {seeds}: need at least 1 seed")
     overrides = list(overrides)
@@ -147,6 +155,10 @@ def plan(
         for seed in range(seeds):
             # Later overrides win: the variant's own keys over the user's, the seed over both.
             cfg = compose(preset, [*overrides, *variant.overrides, f"trainer.seed={seed}"])
+            try:  # a variant its method cannot run fails now, not after the others trained
+                build_objective(cfg.algo, group_size=cfg.rollout.group_size)
+            except UserError as err:
+                raise AblationError(f"{variant.name}: {err}") from None
             h = config_hash(cfg)
             if seed == 0:
                 clash = next((name for name, other in first_hash.items() if other == h), None)
@@ -201,7 +213,7 @@ def find_finished(run: PlannedRun) -> RunOutcome | None:
     mlflow_run = found[0]
     by_step: dict[int, dict[str, float]] = {}
     for key in ("reward/mean", "eval/accuracy"):
-        # A resumed run logs the redone steps twice: the later value wins, as in its result.json.
+        # Each step is logged once (a resumed run does not resend the steps MLflow holds); keep the last value.
         for m in tracking.metric_history(t.uri, mlflow_run.info.run_id, key):
             by_step.setdefault(m.step, {"step": m.step})[key] = m.value
     history = [by_step[s] for s in sorted(by_step)]

@@ -56,6 +56,13 @@ def save(
     return final
 
 
+def _tied_to_loaded(model, key: str, loaded: dict) -> bool:
+    """Does parameter `key` share its storage with one that was loaded (tied embeddings)?"""
+    state = model.state_dict(keep_vars=True)
+    ptr = state[key].data_ptr()
+    return any(state[k].data_ptr() == ptr for k in loaded if k in state)
+
+
 def exists(output_dir: Path) -> bool:
     path = output_dir / CHECKPOINT
     if not path.exists() and (output_dir / f"{CHECKPOINT}.old").exists():
@@ -77,10 +84,13 @@ def restore(output_dir: Path, *, model, optimizer, scheduler, momentum=None, pre
     policy: dict[str, torch.Tensor] = {}
     for shard in sorted((path / "policy").glob("*.safetensors")):
         policy.update(load_file(str(shard), device=str(device)))
-    # strict=False: tied output embeddings are saved once, under the input embedding's name.
-    unexpected = model.load_state_dict(policy, strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: unexpected keys {unexpected[:3]}")
+    # strict=False: tied output embeddings are saved once, under the input embedding's name; any
+    # other missing or unexpected key is an error, never a weight left at its initial value.
+    keys = model.load_state_dict(policy, strict=False)
+    missing = [k for k in keys.missing_keys if not _tied_to_loaded(model, k, policy)]
+    if keys.unexpected_keys or missing:
+        which = f"unexpected keys {keys.unexpected_keys[:3]}" if keys.unexpected_keys else f"missing keys {missing[:3]}"
+        raise RuntimeError(f"checkpoint does not match the model: {which}")
     if momentum is not None:
         momentum.load_state_dict(load_file(str(path / "momentum.safetensors"), device=str(device)))
     if predictor is not None:

@@ -20,6 +20,7 @@ REDISTRIBUTIONS = ("uniform", "self_normalized", "none")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 REPRESENTATIONS = ("mean", "token")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
 @dataclass
@@ -55,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "popo"  # popo | grpo
+    name: str = "popo"  # a registered method (popo_core.algos.METHODS): one YAML each in experiments/algo/
     clip_eps: float = 0.2
     redistribution: str = "uniform"
     aggregation: str = "seq_mean_token_mean"
@@ -72,6 +73,10 @@ class AlgoConfig:
     scale_std: bool = True
     adv_eps: float = 1e-6
     kl_beta: float = 0.0
+    max_length: Optional[int] = None  # dr_grpo's constant L (None: rollout.max_new_tokens)
+    positive_weight: float = 0.1  # w_reinforce's weight on positives (lambda)
+    rollout_correction: str = "none"  # none | tis | mis (METHOD.md, "Rollout correction")
+    rollout_is_cap: float = 2.0  # C of tis / mis
 
 
 @dataclass
@@ -143,6 +148,12 @@ def config_dir() -> Path:
     return Path(experiments.__file__).parent
 
 
+def methods() -> list[str]:
+    """The methods `algo=<name>` can pick: one YAML each in the `algo` group (each a registered
+    method of popo_core.algos; tests check the two agree)."""
+    return sorted(p.stem for p in (config_dir() / "algo").glob("*.yaml"))
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "preset").glob("*.yaml"))
 
@@ -178,6 +189,8 @@ def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -
         msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise ConfigError(f"{key}: {msg}" if key else _first_line(err)) from None
     cfg.preset = preset
+    if cfg.algo.max_length is None:
+        cfg.algo.max_length = cfg.rollout.max_new_tokens
     validate(cfg)
     return cfg
 
@@ -199,7 +212,7 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def validate(cfg: Config) -> None:
     """Range and choice checks; each error names its key."""
     a, r, o, t, d = cfg.algo, cfg.rollout, cfg.optim, cfg.trainer, cfg.data
-    _choice("algo.name", a.name, ("popo", "grpo"))
+    _choice("algo.name", a.name, methods())
     _check(a.clip_eps > 0 and not math.isnan(a.clip_eps), "algo.clip_eps", a.clip_eps, "must be > 0 (inf: no bound)")
     _choice("algo.redistribution", a.redistribution, REDISTRIBUTIONS)
     _choice("algo.aggregation", a.aggregation, AGGREGATIONS)
@@ -212,6 +225,10 @@ def validate(cfg: Config) -> None:
     _check(a.mini_batches >= 1, "algo.mini_batches", a.mini_batches, "must be >= 1")
     _check(a.adv_eps >= 0.0, "algo.adv_eps", a.adv_eps, "must be >= 0")
     _check(a.kl_beta >= 0.0, "algo.kl_beta", a.kl_beta, "must be >= 0")
+    _check(a.max_length is None or a.max_length >= 1, "algo.max_length", a.max_length, "must be >= 1")
+    _check(a.positive_weight >= 0.0, "algo.positive_weight", a.positive_weight, "must be >= 0")
+    _choice("algo.rollout_correction", a.rollout_correction, ROLLOUT_CORRECTIONS)
+    _check(a.rollout_is_cap >= 1.0, "algo.rollout_is_cap", a.rollout_is_cap, "must be >= 1")
     _check(
         a.mini_batches <= r.prompts_per_step,
         "algo.mini_batches",
@@ -220,8 +237,6 @@ def validate(cfg: Config) -> None:
     )
     _choice("rollout.engine", r.engine, ("hf", "vllm"))
     _check(r.group_size >= 1, "rollout.group_size", r.group_size, "must be >= 1")
-    if a.name == "grpo" or a.use_negatives:
-        _check(r.group_size >= 2, "rollout.group_size", r.group_size, "must be >= 2 for group-normalised advantages")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _check(r.temperature > 0.0, "rollout.temperature", r.temperature, "must be > 0")

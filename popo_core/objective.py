@@ -1,82 +1,84 @@
-"""The one place where `algo.*` settings become loss functions (METHOD.md sections 1-3, Ablations).
+"""The objective: a registered method's policy loss plus the siamese penalty, bound to `algo.*`.
 
-Every variant and ablation is a choice made here, by name, so the training loop has no branch per
-method: it asks the objective which completions to forward, which networks it needs, and calls
-`policy_loss` and `penalty`.
+It reads the registries (`popo_core.algos.METHODS`, `popo_core.siamese.PENALTIES`) and never
+branches on a method's name: the trainer asks it which completions to forward, which networks it
+needs, and for the step's quantities, the loss and the penalty.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Callable
 
-import torch
 from torch import Tensor
 
-from popo_core.algos import grpo_loss, popo_loss
-from popo_core.siamese import kl_penalty, similarity_penalty
+from popo_core.algos import METHODS, Method, Needs, Step
+from popo_core.errors import ConfigError
+from popo_core.siamese import PENALTIES, Penalty
+
+
+def method_name(algo) -> str:
+    """The registry entry for an algo config: `algo.name`, or its `+negatives` combination when
+    `algo.use_negatives` is set (METHOD.md, Ablations: "positive-only")."""
+    return f"{algo.name}+negatives" if algo.use_negatives else algo.name
 
 
 @dataclass(frozen=True)
 class Objective:
-    kind: str  # "popo" (positive-only loss) | "grpo" (clipped surrogate over every completion)
-    policy_loss: Callable[..., tuple[Tensor, dict[str, float]]]
-    forward_negatives: bool  # do negatives go through forward/backward?
-    penalty: Callable[..., tuple[Tensor, dict[str, float]]] | None  # over the positives, before weight
+    method: Method
+    knobs: dict = field(repr=False)  # the algo.* settings the method reads
+    needs: Needs
+    siamese: bool  # a momentum network (and, with a penalty, the siamese penalty)
+    penalty: Penalty | None  # over the method's penalised completions, before its weight
     penalty_weight: float
-    penalty_input: str | None  # "hidden" (similarity) | "logprobs" (kl) | None
-    needs_momentum: bool
-    needs_reference: bool  # GRPO's frozen reference for kl_beta > 0
+    penalty_knobs: dict = field(default_factory=dict, repr=False)
 
-    def step_normalisers(self, rewards: Tensor, group_ids: Tensor, lengths: Tensor) -> dict[str, float]:
-        """The whole optimizer step's normalisers, passed to every micro-batch (section 1)."""
-        if self.kind == "grpo":
-            return {"n_completions": len(rewards), "n_tokens": float(lengths.sum())}
-        positive = rewards > 0.5
-        if not bool(positive.any()):
-            return {"n_groups": 1, "n_positives": 1, "mean_length": 1.0}
-        return {
-            "n_groups": int(torch.unique(group_ids[positive]).numel()),
-            "n_positives": int(positive.sum()),
-            "mean_length": float(lengths[positive].float().mean()),
-        }
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def policy_loss(self) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+        return partial(self.method.loss, **self.knobs)
+
+    def step(self, rewards: Tensor, group_ids: Tensor, lengths: Tensor, seq_log_ratio: Tensor | None = None) -> Step:
+        """The quantities of one optimizer step, over every completion of that step."""
+        return self.method.step(rewards, group_ids, lengths, seq_log_ratio=seq_log_ratio, **self.knobs)
+
+    def forwarded(self, rewards: Tensor) -> Tensor:
+        return self.method.forwarded(rewards)
+
+    def penalised(self, rewards: Tensor) -> Tensor:
+        return self.method.penalised(rewards)
+
+    def penalty_fn(self) -> Callable[..., tuple[Tensor, dict[str, float]]] | None:
+        return partial(self.penalty.fn, **self.penalty_knobs) if self.penalty else None
 
 
-def build_objective(algo) -> Objective:
-    """Map an AlgoConfig (or anything with its attributes) to an Objective."""
-    negatives = algo.name == "grpo" or algo.use_negatives
-    if negatives:
-        # GRPO, or the `positive-only` ablation: every completion with its group-normalised
-        # advantage in the clipped surrogate; the reference KL belongs to GRPO alone.
-        kl_beta = algo.kl_beta if algo.name == "grpo" else 0.0
-        loss = partial(
-            grpo_loss,
-            clip_eps=algo.clip_eps,
-            scale_std=algo.scale_std,
-            adv_eps=algo.adv_eps,
-            aggregation=algo.aggregation,
-            kl_beta=kl_beta,
-        )
-        kind = "grpo"
-    else:
-        loss = partial(
-            popo_loss, clip_eps=algo.clip_eps, redistribution=algo.redistribution, aggregation=algo.aggregation
-        )
-        kind, kl_beta = "popo", 0.0
-    penalty, penalty_input = None, None
-    if algo.siamese and algo.penalty_weight > 0:
-        if algo.penalty == "similarity":
-            penalty, penalty_input = partial(similarity_penalty, representation=algo.representation), "hidden"
-        else:
-            penalty, penalty_input = kl_penalty, "logprobs"
+def build_objective(algo, *, group_size: int | None = None) -> Objective:
+    """Map an AlgoConfig (or anything with its attributes) to an Objective; a setting the method
+    cannot take is a ConfigError naming its key."""
+    name = method_name(algo)
+    if name not in METHODS:
+        if algo.use_negatives:
+            raise ConfigError(f"algo.use_negatives=true: {algo.name} has no positive-only ablation (popo has)")
+        raise ConfigError(f"algo.name={algo.name}: not a registered method (choose from: "
+                          f"{', '.join(n for n in METHODS if '+' not in n)})")
+    settings = asdict(algo) if hasattr(algo, "__dataclass_fields__") else dict(vars(algo))
+    method = METHODS[name]
+    knobs = {k: settings[k] for k in method.knobs}
+    needs = method.needs(knobs)
+    if group_size is not None and group_size < needs.min_group_size:
+        raise ConfigError(f"rollout.group_size={group_size}: must be >= {needs.min_group_size} for {name} "
+                          "(group-normalised advantages)")
+    penalty = PENALTIES[algo.penalty] if algo.siamese and algo.penalty_weight > 0 else None
     return Objective(
-        kind=kind,
-        policy_loss=loss,
-        forward_negatives=negatives,
+        method=method,
+        knobs=knobs,
+        needs=needs,
+        siamese=bool(algo.siamese),
         penalty=penalty,
         penalty_weight=algo.penalty_weight if penalty else 0.0,
-        penalty_input=penalty_input,
-        needs_momentum=bool(algo.siamese),
-        needs_reference=kl_beta > 0,
+        penalty_knobs={k: settings[k] for k in penalty.knobs} if penalty else {},
     )

@@ -56,6 +56,21 @@ def _backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
+def _sampler_logits(model, h: Tensor, seqs: Sequences, temperature: float, suppress_ids: Sequence[int]) -> Tensor:
+    """[completion tokens, V] logits of the distribution the sampler drew from (METHOD.md, Setting):
+    logits / temperature with suppressed tokens removed."""
+    logits = model.get_output_embeddings()(h[seqs.mask])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 logits lose digits
+    if suppress_ids:
+        logits[:, list(suppress_ids)] = float("-inf")
+    return logits
+
+
+def _per_token(values: Tensor, mask: Tensor) -> Tensor:
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(mask, values)
+
+
 def completion_forward(
     model,
     seqs: Sequences,
@@ -70,16 +85,31 @@ def completion_forward(
     Log-probs are of the distribution the sampler drew from: logits / temperature with suppressed
     tokens removed (METHOD.md, Setting). Padded entries are 0.
     """
+    h = _completion_states(model, seqs)
+    lp = None
+    if logprobs:
+        logits = _sampler_logits(model, h, seqs, temperature, suppress_ids)
+        token_lp = logits.log_softmax(-1).gather(-1, seqs.targets[seqs.mask][:, None]).squeeze(-1)
+        lp = _per_token(token_lp, seqs.mask)
+    return lp, (h if hidden else None)
+
+
+@torch.no_grad()
+def completion_logprobs_and_entropy(
+    model, seqs: Sequences, *, temperature: float = 1.0, suppress_ids: Sequence[int] = ()
+) -> tuple[Tensor, Tensor]:
+    """(log-probs [B, T], entropy [B, T]) of the sampled tokens' distributions, no gradient."""
+    logits = _sampler_logits(model, _completion_states(model, seqs), seqs, temperature, suppress_ids)
+    log_p = logits.log_softmax(-1)
+    token_lp = log_p.gather(-1, seqs.targets[seqs.mask][:, None]).squeeze(-1)
+    # -sum p log p, with 0 * log 0 = 0 for suppressed tokens.
+    entropy = -(log_p.exp() * torch.where(log_p.isfinite(), log_p, torch.zeros_like(log_p))).sum(-1)
+    return _per_token(token_lp, seqs.mask), _per_token(entropy, seqs.mask)
+
+
+def _completion_states(model, seqs: Sequences) -> Tensor:
+    """Last hidden states (after the final norm) at the positions that predict completion tokens."""
     out = _backbone(model)(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, use_cache=False)
     states = out.last_hidden_state
     index = seqs.positions[..., None].expand(-1, -1, states.shape[-1])
-    h = states.gather(1, index)  # [B, T, H]
-    lp = None
-    if logprobs:
-        logits = model.get_output_embeddings()(h[seqs.mask]).float() / temperature
-        if suppress_ids:
-            logits[:, list(suppress_ids)] = float("-inf")
-        token_lp = logits.log_softmax(-1).gather(-1, seqs.targets[seqs.mask][:, None]).squeeze(-1)
-        lp = torch.zeros(seqs.mask.shape, dtype=token_lp.dtype, device=token_lp.device)
-        lp = lp.masked_scatter(seqs.mask, token_lp)
-    return lp, (h if hidden else None)
+    return states.gather(1, index)  # [B, T, H]

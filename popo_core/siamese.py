@@ -8,6 +8,7 @@ xi's (a bounded cosine distance), or, for the `similarity` ablation, their token
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -63,7 +64,7 @@ def similarity_penalty(
     *,
     representation: str = "mean",
     predictor: Callable[[Tensor], Tensor] | None = None,
-    n_positives: int | None = None,
+    n_rows: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Bounded similarity penalty (section 3): mean over positives of D_i = 1 - cos(q(h), sg(h_xi)).
 
@@ -91,7 +92,7 @@ def similarity_penalty(
             online = predictor(online).to(dtype)
         per_token = (1.0 - F.cosine_similarity(online, target, dim=-1)).clamp(0.0, 2.0)
         distance = (per_token * fmask).sum(-1) / lengths
-    loss = distance.sum() / (n if n_positives is None else n_positives)
+    loss = distance.sum() / (n if n_rows is None else n_rows)
     return loss, {"penalty/similarity": float(distance.detach().mean())}
 
 
@@ -100,7 +101,7 @@ def kl_penalty(
     momentum_logprobs: Tensor,
     mask: Tensor,
     *,
-    n_positives: int | None = None,
+    n_rows: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """KL(pi_theta || pi_xi) by the k3 estimator over the positives' tokens (the `similarity` ablation).
 
@@ -114,8 +115,20 @@ def kl_penalty(
     fmask = mask.to(logprobs.dtype)
     q = torch.where(mask, momentum_logprobs.detach() - logprobs, torch.zeros_like(logprobs))
     per_seq = ((q.exp() - q - 1.0) * fmask).sum(-1) / fmask.sum(-1).clamp_min(1.0)
-    loss = per_seq.sum() / (n if n_positives is None else n_positives)
+    loss = per_seq.sum() / (n if n_rows is None else n_rows)
     return loss, {"penalty/kl": float(per_seq.detach().mean())}
 
 
-PENALTIES = {"similarity": similarity_penalty, "kl": kl_penalty}
+@dataclass(frozen=True)
+class Penalty:
+    """A registered penalty: its function and what it compares (`algo.penalty` picks one)."""
+
+    fn: Callable[..., tuple[Tensor, dict[str, float]]]
+    reads: str  # "hidden" (last hidden states) | "logprobs" (token log-probs)
+    knobs: tuple[str, ...] = ()  # algo.* settings it reads
+
+
+PENALTIES = {
+    "similarity": Penalty(similarity_penalty, "hidden", ("representation",)),  # section 3
+    "kl": Penalty(kl_penalty, "logprobs"),  # the `similarity` ablation
+}

@@ -124,6 +124,13 @@ class Run:
         for start in range(0, len(items), 500):
             _retry(lambda: self.client.log_batch(self.run_id, metrics=items[start : start + 500]))
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which this run holds metric `key` (-1 if none)."""
+        if not self.enabled:
+            return -1
+        history = _retry(lambda: self.client.get_metric_history(self.run_id, key))
+        return max((m.step for m in history), default=-1)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled:
             return

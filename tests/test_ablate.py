@@ -67,9 +67,23 @@ def every_variant():
 
 # ------------------------------------------------------------------------------------ configs
 def test_variant_table_is_methods_table_in_order():
-    components, baselines = variant_table()
-    assert list(components) == list(METHOD_TABLE)
-    assert list(baselines) == ["grpo"]
+    assert list(variant_table()) == list(METHOD_TABLE)
+
+
+def test_any_registered_method_is_a_baseline_and_baselines_repeat():
+    ablation = plan("tiny", ["siamese"], 1, ["grpo", "psr", "nsr", "psr"])
+    names = [v.name for v in ablation.variants]
+    assert names == [FULL, "drop-siamese", "grpo", "psr", "nsr"]
+    by = {r.variant.name: r.cfg for r in ablation.runs}
+    assert by["psr"].algo.name == "psr" and by["nsr"].algo.name == "nsr"
+    assert by["psr"].trainer.max_steps == by[FULL].trainer.max_steps  # the same budget
+    for name in ("dr_grpo", "rft", "raft_pp", "w_reinforce"):
+        assert [v.name for v in plan("tiny", [], 1, [name]).variants] == [FULL, name]
+
+
+def test_a_baseline_its_settings_cannot_run_is_refused_in_the_plan():
+    with pytest.raises(AblationError, match="grpo: rollout.group_size=1"):
+        plan("tiny", [], 1, ["grpo"], ["rollout.group_size=1"])
 
 
 @pytest.mark.parametrize("component", list(METHOD_TABLE))
@@ -127,8 +141,9 @@ def test_plan_is_deterministic_and_names_dirs_by_hash(tmp_path):
         (["bound"], 2, "ppo", [], "--baseline ppo: unknown baseline"),
         (["bound"], 2, None, ["trainer.seed=3"], "trainer.seed is set by popo ablate"),
         (["bound"], 2, None, ["trainer.output_dir=x"], "trainer.output_dir is set by popo ablate"),
-        (["bound"], 2, None, ["algo=grpo"], "--baseline grpo"),
-        (["bound"], 2, None, ["algo.name=grpo"], "--baseline grpo"),
+        (["bound"], 2, None, ["algo=grpo"], "--baseline NAME"),
+        (["bound"], 2, None, ["algo.name=grpo"], "--baseline NAME"),
+        (["bound"], 2, "popo", [], "--baseline popo: unknown baseline"),
         (["momentum"], 2, None, ["algo.momentum=1.0"], "drop-momentum resolves to the same config as popo"),
     ],
 )
@@ -177,14 +192,16 @@ def test_positive_only_gives_gradient_to_negatives(every_variant):
     batch = random_batch()
     negative = batch[2] & (batch[3][:, None] < 0.5)
     full, variant = (build_objective(every_variant[k].algo) for k in (FULL, "drop-positive-only"))
-    assert not full.forward_negatives and variant.forward_negatives
+    assert full.method.forwards == "positives" and variant.method.forwards == "all"
+    assert variant.name == "popo+negatives"
     _, g_full = policy_grad(full, batch)
     _, g_variant = policy_grad(variant, batch)
     assert torch.all(g_full[negative] == 0)
     assert g_variant[negative].abs().sum() > 0
     # The stabilisers stay: same bound, same siamese penalty, no reference model.
-    assert variant.penalty_weight == full.penalty_weight and variant.penalty_input == full.penalty_input
-    assert variant.needs_momentum and not variant.needs_reference
+    assert variant.penalty_weight == full.penalty_weight and variant.penalty is full.penalty
+    assert variant.siamese and not variant.needs.reference
+    assert variant.method.penalty_rows == "positives"  # the penalty stays over the positives
 
 
 def test_redistribution_is_one_mean_over_every_positive_token(every_variant):
@@ -206,11 +223,11 @@ def test_redistribution_is_one_mean_over_every_positive_token(every_variant):
 def test_similarity_uses_the_kl_penalty_on_momentum_logprobs(every_variant):
     lp, _, mask, rewards, _, momentum_lp = batch = random_batch()
     full, variant = (build_objective(every_variant[k].algo) for k in (FULL, "drop-similarity"))
-    assert full.penalty.func is similarity_penalty and full.penalty_input == "hidden"
-    assert variant.penalty is kl_penalty and variant.penalty_input == "logprobs"
+    assert full.penalty.fn is similarity_penalty and full.penalty.reads == "hidden"
+    assert variant.penalty.fn is kl_penalty and variant.penalty.reads == "logprobs"
     assert variant.penalty_weight == full.penalty_weight == every_variant[FULL].algo.penalty_weight > 0
     pos = rewards > 0.5
-    value, _ = variant.penalty(lp[pos], momentum_lp[pos], mask[pos])
+    value, _ = variant.penalty_fn()(lp[pos], momentum_lp[pos], mask[pos])
     per_completion = []
     for i in torch.nonzero(pos).flatten().tolist():
         n = int(mask[i].sum())
@@ -225,14 +242,14 @@ def test_similarity_uses_the_kl_penalty_on_momentum_logprobs(every_variant):
 def test_siamese_has_no_penalty_and_no_momentum_network(every_variant):
     batch = random_batch()
     full, variant = (build_objective(every_variant[k].algo) for k in (FULL, "drop-siamese"))
-    assert full.needs_momentum and full.penalty is not None
-    assert not variant.needs_momentum and variant.penalty is None and variant.penalty_weight == 0
+    assert full.siamese and full.penalty is not None
+    assert not variant.siamese and variant.penalty is None and variant.penalty_weight == 0
     assert torch.equal(policy_grad(variant, batch)[1], policy_grad(full, batch)[1])
 
 
 def test_momentum_keeps_the_objective_and_only_freezes_the_copy(every_variant):
     full, variant = (build_objective(every_variant[k].algo) for k in (FULL, "drop-momentum"))
-    assert variant.needs_momentum and variant.penalty_input == full.penalty_input
+    assert variant.siamese and variant.penalty is full.penalty
     assert every_variant["drop-momentum"].algo.momentum == 1.0
 
 
@@ -339,7 +356,7 @@ def test_killed_run_resumes_from_its_checkpoint_under_the_same_parent(workdir):
     assert set(after) == set(runs)  # the resumed run continued its MLflow run; no new one
     assert after["drop-bound-seed0"].info.status == "FINISHED" and after[parent.info.run_name].info.status == "FINISHED"
     steps = [json.loads(line)["step"] for line in open(f"{result.outcomes[1].output_dir}/metrics.jsonl")]
-    assert steps.count(4) == 1 and steps.count(5) == 2 and steps[-1] == 8  # 5 redone after the crash
+    assert steps == list(range(9))  # 5 was redone after the crash, and logged once
 
 
 # ---------------------------------------------------------------------------------- end to end

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from popo_core.algos import grpo_loss, group_advantages, popo_loss
+from popo_core.algos import Step, grpo_loss, grpo_step, group_advantages, popo_loss, popo_step
 
 F64 = torch.float64
 SEEDS = [0, 1, 2, 3]
@@ -247,14 +247,18 @@ def popo_kwargs(b: Batch, eps, redistribution, aggregation, **kw):
     return dict(clip_eps=eps, redistribution=redistribution, aggregation=aggregation, **kw)
 
 
-def step_normalisers(b: Batch) -> dict:
-    """The whole step's |B+|, |P|, Lbar for popo and N, total tokens for grpo."""
-    positives = [i for i in range(b.lp.shape[0]) if float(b.rewards[i]) == 1.0]
-    return dict(
-        n_groups=len({int(b.gids[i]) for i in positives}),
-        n_positives=len(positives),
-        mean_length=sum(len(masked_positions(b.mask, i)) for i in positives) / len(positives),
-    )
+def seq_log_ratio(b: Batch) -> torch.Tensor:
+    """mean_t (log pi - log pi_old) per row: what the trainer computes before a step."""
+    diff = torch.where(b.mask, b.lp - b.old, torch.zeros_like(b.lp))
+    return diff.sum(-1) / b.mask.sum(-1)
+
+
+def partition_rows(b: Batch, seed: int, n_parts: int) -> list[list[int]]:
+    """Split the rows into micro-batches at random: groups are split across micro-batches."""
+    rnd = random.Random(1000 + seed)
+    rows = list(range(b.lp.shape[0]))
+    rnd.shuffle(rows)
+    return [rows[k::n_parts] for k in range(n_parts)]
 
 
 def close(a, b, rtol=1e-9, atol=1e-12):
@@ -263,17 +267,6 @@ def close(a, b, rtol=1e-9, atol=1e-12):
 
 def differs(a, b):
     return not close(a, b, rtol=1e-6, atol=1e-9)
-
-
-def partition_groups(b: Batch, seed: int, n_parts: int) -> list[list[int]]:
-    """Split the batch into micro-batches of whole groups (rows of each group kept together)."""
-    rnd = random.Random(1000 + seed)
-    groups = list(groups_of(b.gids).values())
-    rnd.shuffle(groups)
-    parts: list[list[int]] = [[] for _ in range(n_parts)]
-    for k, members in enumerate(groups):
-        parts[k % n_parts if k < n_parts else rnd.randrange(n_parts)] += members
-    return [p for p in parts if p]
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,9 +412,9 @@ def test_popo_batch_without_positive_has_zero_loss_and_no_gradient(redistributio
     assert float(loss) == 0.0
     assert not loss.requires_grad
     assert loss.grad_fn is None
-    assert metrics["positives"] == 0
-    # A micro-batch with no positive in a step that has some: same, with the step's normalisers.
-    loss, _ = popo_loss(lp, b.old, b.mask, rewards, b.gids, n_groups=3, n_positives=5, mean_length=4.0)
+    # A micro-batch with no positive in a step that has some: same, with the step's quantities.
+    step = popo_step(b.rewards, b.gids, b.mask.sum(-1), redistribution=redistribution, seq_log_ratio=seq_log_ratio(b))
+    loss, _ = popo_loss(lp, b.old, b.mask, rewards, b.gids, **popo_kwargs(b, 0.2, redistribution, aggregation), step=step)
     assert float(loss) == 0.0 and not loss.requires_grad
 
 
@@ -434,14 +427,15 @@ def test_popo_micro_batches_match_whole_batch(seed, redistribution, aggregation,
     kw = popo_kwargs(b, eps, redistribution, aggregation)
     whole_loss, whole_grad = loss_and_grad(lambda x: popo_loss(x, b.old, b.mask, b.rewards, b.gids, **kw), b.lp)
 
-    norm = step_normalisers(b)
+    step = popo_step(b.rewards, b.gids, b.mask.sum(-1), redistribution=redistribution, clip_eps=eps,
+                     seq_log_ratio=seq_log_ratio(b))
     lp = b.lp.clone().requires_grad_(True)
     total = 0.0
     naive_total = 0.0
-    for part in partition_groups(b, seed, n_parts=3):
+    for part in partition_rows(b, seed, n_parts=3):
         idx = torch.tensor(part)
         m = b.rows(part)
-        loss, _ = popo_loss(lp[idx], m.old, m.mask, m.rewards, m.gids, **kw, **norm)
+        loss, _ = popo_loss(lp[idx], m.old, m.mask, m.rewards, m.gids, **kw, step=step.take(idx))
         if loss.requires_grad:
             loss.backward()  # gradient accumulation, one micro-batch at a time
         total += float(loss.detach())
@@ -522,7 +516,6 @@ def test_popo_metrics(seed):
     assert metrics["clip/fraction"] > 0
     assert metrics["clip/fraction"] == pytest.approx(above / n_tok, rel=1e-12)
     assert metrics["ratio/mean"] == pytest.approx(ratio_sum / n_tok, rel=1e-9)
-    assert metrics["positives"] == float((b.rewards == 1).sum())
     _, metrics_inf = popo_loss(b.lp, b.old, b.mask, b.rewards, b.gids, clip_eps=float("inf"))
     assert metrics_inf["clip/fraction"] == 0.0
 
@@ -644,16 +637,18 @@ def test_grpo_micro_batches_match_whole_batch(seed, scale_std, aggregation, kl_b
     whole_loss, whole_grad = loss_and_grad(
         lambda x: grpo_loss(x, b.old, b.mask, b.rewards, b.gids, ref_logprobs=b.ref, **kw), b.lp
     )
-    norm = dict(n_completions=b.lp.shape[0], n_tokens=int(b.mask.sum()))
+    step = grpo_step(b.rewards, b.gids, b.mask.sum(-1), scale_std=scale_std)
     lp = b.lp.clone().requires_grad_(True)
     total = naive_total = 0.0
-    for part in partition_groups(b, seed, n_parts=3):
+    for part in partition_rows(b, seed, n_parts=3):
         idx = torch.tensor(part)
         m = b.rows(part)
-        loss, _ = grpo_loss(lp[idx], m.old, m.mask, m.rewards, m.gids, ref_logprobs=m.ref, **kw, **norm)
+        loss, _ = grpo_loss(lp[idx], m.old, m.mask, m.rewards, m.gids, ref_logprobs=m.ref, **kw, step=step.take(idx))
         loss.backward()
         total += float(loss.detach())
-        naive_total += float(grpo_loss(m.lp, m.old, m.mask, m.rewards, m.gids, ref_logprobs=m.ref, **kw)[0])
+        # The step's advantages but this micro-batch's own denominators.
+        own = Step({"advantage": step.rows["advantage"][idx]}, {"n_completions": len(part), "n_tokens": float(m.mask.sum())})
+        naive_total += float(grpo_loss(m.lp, m.old, m.mask, m.rewards, m.gids, ref_logprobs=m.ref, **kw, step=own)[0])
     assert close(total, whole_loss)
     assert torch.allclose(lp.grad, whole_grad, rtol=1e-9, atol=1e-14)
     assert differs(naive_total, whole_loss)
@@ -685,7 +680,6 @@ def test_grpo_metrics_and_kl_needs_reference(seed):
     assert clipped > 0 and metrics["clip/fraction"] > 0
     assert metrics["clip/fraction"] == pytest.approx(clipped / n_tok, rel=1e-12)
     assert metrics["kl/ref"] == pytest.approx(kl / n_tok, rel=1e-9)
-    assert metrics["positives"] == float((b.rewards == 1).sum())
     with pytest.raises(ValueError):
         grpo_loss(b.lp, b.old, b.mask, b.rewards, b.gids, kl_beta=0.1)
     with pytest.raises(ValueError):

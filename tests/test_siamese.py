@@ -72,7 +72,7 @@ def ref_cos(a, b):
     return (a * b).sum() / (torch.sqrt((a * a).sum()) * torch.sqrt((b * b).sum()))
 
 
-def ref_similarity(h_on, h_mom, mask, *, representation, predictor=None, n_positives=None, wrong=None):
+def ref_similarity(h_on, h_mom, mask, *, representation, predictor=None, n_rows=None, wrong=None):
     """Section 3: mean over positives of D_i = 1 - cos(q(h_theta_i), stopgrad(h_xi_i))."""
     n = h_on.shape[0]
     total = torch.zeros((), dtype=F64)
@@ -89,10 +89,10 @@ def ref_similarity(h_on, h_mom, mask, *, representation, predictor=None, n_posit
         else:
             d = sum(1.0 - ref_cos(ref_predictor(predictor, h_on[i, t]), target[i, t]) for t in pos) / len(pos)
         total = total + d
-    return total / (n if n_positives is None else n_positives)
+    return total / (n if n_rows is None else n_rows)
 
 
-def ref_kl(lp, mom_lp, mask, *, n_positives=None, reversed_=False):
+def ref_kl(lp, mom_lp, mask, *, n_rows=None, reversed_=False):
     """k3 estimate of KL(pi_theta || pi_xi): per completion the token mean, then the mean."""
     n = lp.shape[0]
     total = torch.zeros((), dtype=F64)
@@ -103,7 +103,7 @@ def ref_kl(lp, mom_lp, mask, *, n_positives=None, reversed_=False):
             q = (lp[i, t] - mom_lp[i, t].detach()) if reversed_ else (mom_lp[i, t].detach() - lp[i, t])
             seq = seq + torch.exp(q) - q - 1.0
         total = total + seq / len(pos)
-    return total / (n if n_positives is None else n_positives)
+    return total / (n if n_rows is None else n_rows)
 
 
 def close(a, b, rtol=1e-9, atol=1e-12):
@@ -269,7 +269,7 @@ def test_similarity_matches_reference(seed, representation, use_predictor):
         ("mean", False, "other_representation"),
         ("token", False, "other_representation"),
         ("mean", True, "predictor_before_pool"),
-        ("mean", False, "n_positives"),
+        ("mean", False, "n_rows"),
         ("token", True, "no_stopgrad"),
     ],
 )
@@ -290,8 +290,8 @@ def test_similarity_reference_rejects_wrong_variants(representation, use_predict
     kw = dict(representation=representation, predictor=predictor)
     if wrong == "other_representation":
         kw["representation"] = "token" if representation == "mean" else "mean"
-    elif wrong == "n_positives":
-        kw["n_positives"] = int(mask.sum())
+    elif wrong == "n_rows":
+        kw["n_rows"] = int(mask.sum())
     else:
         kw["wrong"] = wrong
     assert differs(loss, ref_similarity(h_on, h_mom, mask, **kw))
@@ -374,7 +374,7 @@ def test_similarity_micro_batches_match_whole_batch(representation, use_predicto
     n = h_on.shape[0]
     total = 0.0
     for idx in ([0, 2], list(range(3, n)), [1]):
-        part, _ = similarity_penalty(x[idx], h_mom[idx], mask[idx], representation=representation, predictor=predictor, n_positives=n)
+        part, _ = similarity_penalty(x[idx], h_mom[idx], mask[idx], representation=representation, predictor=predictor, n_rows=n)
         part.backward()
         total += float(part.detach())
     assert close(total, whole)
@@ -439,7 +439,7 @@ def test_kl_penalty_matches_reference(seed):
     assert gy is None or (gy == 0).all()
     # Not vacuous: the reverse direction and another normaliser give other values.
     assert differs(loss, ref_kl(lp, mom, mask, reversed_=True))
-    assert differs(loss, ref_kl(lp, mom, mask, n_positives=int(mask.sum())))
+    assert differs(loss, ref_kl(lp, mom, mask, n_rows=int(mask.sum())))
     # Zero, with zero gradient, when the copies agree.
     x = lp.clone().requires_grad_(True)
     same, _ = kl_penalty(x, lp.clone(), mask)
@@ -456,7 +456,7 @@ def test_kl_penalty_micro_batches_and_empty():
     n = lp.shape[0]
     total = 0.0
     for idx in ([0], list(range(1, n))):
-        part, _ = kl_penalty(x[idx], mom[idx], mask[idx], n_positives=n)
+        part, _ = kl_penalty(x[idx], mom[idx], mask[idx], n_rows=n)
         part.backward()
         total += float(part.detach())
     assert close(total, whole)

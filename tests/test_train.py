@@ -6,11 +6,12 @@ import torch
 from conftest import tiny_overrides
 from popo_core.config import ConfigError, compose
 from popo_core.rewards import Grade
-from popo_core.train import Callbacks, Trainer, TrainingAborted, pack_groups, train
+from popo_core.train import Callbacks, Trainer, TrainingAborted, train
 
 REQUIRED_METRICS = [
     "reward/mean", "positives/fraction", "groups/no_positive_fraction", "clip/fraction", "penalty/similarity",
-    "implicit_neg/delta_logp", "completion/length", "throughput/tokens_per_s",
+    "implicit_neg/delta_logp", "pos/delta_logp", "entropy/mean", "completion/length", "throughput/tokens_per_s",
+    "loss/policy", "grad/norm",
 ]
 
 
@@ -24,18 +25,8 @@ def policy_state(out):
     return load_file(str(out / "model.safetensors"))
 
 
-def test_pack_groups_keeps_groups_whole():
-    groups = [0, 0, 0, 1, 1, 2, 3, 3, 3, 3]
-    batches = pack_groups(list(range(10)), groups, 4)
-    assert sorted(r for b in batches for r in b) == list(range(10))
-    for b in batches:
-        assert len({groups[r] for r in b}) == len({g for g in groups if any(groups[r] == g for r in b)})
-        for g in {groups[r] for r in b}:
-            assert all(r in b for r in range(10) if groups[r] == g)
-
-
 def test_short_run_logs_everything_to_mlflow(workdir):
-    cfg = compose("tiny", tiny_overrides(workdir, **{"tracking.enabled": "true", "trainer.max_steps": 4}))
+    cfg = compose("tiny", tiny_overrides(workdir, **{"tracking.enabled": "true", "trainer.max_steps": 4, "trainer.diagnostics_every": 1}))
     result = train(cfg)
     out = workdir / "run"
     assert result.step == 4 and result.final_accuracy is not None
@@ -90,8 +81,12 @@ def test_crash_and_resume_equals_uninterrupted_run(workdir):
     a, b = policy_state(workdir / "a" / "run"), policy_state(workdir / "b" / "run")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    steps = [r["step"] for r in read_metrics(workdir / "b" / "run")]
-    assert steps.count(3) == 1 and steps.count(4) == 2 and steps[-1] == 6  # 4 was redone after the crash
+    # Step 4 was redone after the crash, and logged once: metrics.jsonl was cut back to the checkpoint.
+    assert [r["step"] for r in read_metrics(workdir / "b" / "run")] == list(range(7))
+    straight_rows = read_metrics(workdir / "a" / "run")
+    for x, y in zip(straight_rows, read_metrics(workdir / "b" / "run")):
+        assert {k: v for k, v in x.items() if not k.startswith(("time/", "throughput/"))} == \
+               {k: v for k, v in y.items() if not k.startswith(("time/", "throughput/"))}
     again = train(compose("tiny", tiny_overrides(workdir / "b")))
     assert again.resumed_complete and again.step == 6
 
@@ -104,6 +99,7 @@ def test_resume_refuses_a_different_config(workdir):
 
 @pytest.mark.parametrize("algo", ["popo", "grpo"])
 def test_micro_batches_do_not_change_the_update(workdir, algo):
+    # micro-batches of 5 completions split the groups of 4
     common = {"trainer.max_steps": 2, "trainer.eval_every": 0, "algo.redistribution": "self_normalized"}
     if algo == "grpo":
         common = {"trainer.max_steps": 2, "trainer.eval_every": 0}
@@ -150,20 +146,71 @@ def test_batch_without_positives_is_skipped(workdir, monkeypatch):
 
 
 def test_non_finite_losses_abort_after_k_in_a_row(workdir, monkeypatch):
+    import dataclasses
+
     from popo_core import objective as objective_module
 
     real = objective_module.build_objective
 
-    def poisoned(algo):
-        obj = real(algo)
+    def poisoned(algo, **kwargs):
+        obj = real(algo, **kwargs)
 
-        def nan_loss(*args, **kwargs):
-            loss, m = obj.policy_loss(*args, **kwargs)
+        def nan_loss(*args, **kw):
+            loss, m = obj.method.loss(*args, **kw)
             return loss * float("nan"), m
 
-        return objective_module.Objective(**{**obj.__dict__, "policy_loss": nan_loss})
+        return dataclasses.replace(obj, method=dataclasses.replace(obj.method, loss=nan_loss))
 
     monkeypatch.setattr("popo_core.train.build_objective", poisoned)
     cfg = compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 50, "trainer.max_nonfinite": 3, "optim.lr": 1e-2}))
     with pytest.raises(TrainingAborted, match="3 non-finite"):
         train(cfg)
+
+
+def test_group_size_one_is_refused_for_group_normalised_methods(workdir):
+    with pytest.raises(ConfigError, match="rollout.group_size=1"):
+        train(compose("tiny", ["algo=grpo", *tiny_overrides(workdir, **{"rollout.group_size": 1})]))
+    with pytest.raises(ConfigError, match="rollout.group_size=1"):
+        train(compose("tiny", tiny_overrides(workdir, **{"rollout.group_size": 1, "algo.use_negatives": "true"})))
+    assert not (workdir / "run").exists()  # refused before anything was written
+
+
+def test_use_negatives_only_where_a_combination_is_registered(workdir):
+    with pytest.raises(ConfigError, match="algo.use_negatives"):
+        train(compose("tiny", ["algo=psr", *tiny_overrides(workdir, **{"algo.use_negatives": "true"})]))
+
+
+@pytest.mark.slow
+def test_killed_run_logs_each_step_once(workdir):
+    """SIGKILL after the last checkpoint, then resume: metrics.jsonl and MLflow hold each step once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    over = tiny_overrides(workdir, **{"tracking.enabled": "true", "trainer.max_steps": 30, "trainer.save_every": 10,
+                                      "trainer.eval_every": 10})
+    cmd = [sys.executable, "-m", "popo_cli.main", "train", "tiny", *over]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = workdir / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(x)["step"] >= 16 for x in metrics.read_text().splitlines() if x.strip()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
+    assert max(logged) >= 16 and (workdir / "run" / "checkpoint").exists()
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = [r["step"] for r in read_metrics(workdir / "run")]
+    assert steps == list(range(31))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("popo").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")) == list(range(1, 31))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")) == [0, 10, 20, 30]

@@ -1,0 +1,187 @@
+"""A training run's life, apart from the update: its output directory, resume, the MLflow run,
+`metrics.jsonl`, checkpoints and the result files.
+
+Metrics are logged exactly once across a resume: a run killed after its last checkpoint redoes
+the steps since then (bit for bit), so on resume `metrics.jsonl` is cut back to the checkpoint's
+step and MLflow is sent only the steps it does not hold yet.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from popo_core import checkpoint
+from popo_core.config import Config, ConfigError, to_flat_dict, to_yaml
+
+# Settings a resumed run may change: budget, cadence and where things are logged.
+RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.eval_every", "trainer.save_every", "trainer.diagnostics_every",
+                     "trainer.threads", "trainer.device", "trainer.resume", "trainer.output_dir")
+HISTORY_KEYS = ("reward/mean", "eval/accuracy")  # kept in the checkpoint for curves and summaries
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    run_id: str | None
+    step: int
+    final_accuracy: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_complete: bool = False  # True when the run was already finished and nothing trained
+
+
+class Callbacks:
+    """Hooks for a progress display or an Optuna trial; `on_eval` may raise to stop the run."""
+
+    def on_start(self, start_step: int, total_steps: int, output_dir: Path) -> None: ...
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_eval(self, step: int, accuracy: float) -> None: ...
+
+
+def default_output_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.preset}-{cfg.algo.name}-seed{cfg.trainer.seed}-{stamp}"
+
+
+class TrainingRun:
+    """`TrainingRun(cfg)` checks the output directory at once (resume it, or refuse one holding
+    another run); `open` starts logging, `log` records a step, `save` checkpoints, `finish` writes
+    the result."""
+
+    def __init__(self, cfg: Config, callbacks: Callbacks | None = None):
+        self.cfg = cfg
+        self.callbacks = callbacks or Callbacks()
+        self.output_dir = Path(cfg.trainer.output_dir) if cfg.trainer.output_dir else default_output_dir(cfg)
+        self.resuming = self._check_output_dir()
+        self.state: dict[str, Any] = {"step": 0, "run_id": None, "history": [], "counters": {}}
+        self._mlflow = None
+        self._mlflow_has = -1  # the last step MLflow already holds (-1: none)
+        self._log = None
+
+    def _check_output_dir(self) -> bool:
+        out, t = self.output_dir, self.cfg.trainer
+        if checkpoint.exists(out):
+            if not t.resume:
+                raise ConfigError(f"trainer.output_dir={out}: holds a run; resume it (trainer.resume=true) or pick another dir")
+            saved = checkpoint.load_state(out)["config"]
+            current = to_flat_dict(self.cfg)
+            diff = [k for k in current if not k.startswith("tracking.") and k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+            if diff:
+                k = diff[0]
+                raise ConfigError(f"trainer.output_dir={out}: holds a run with {k}={saved.get(k)}, not {current[k]}; pick another dir")
+            return True
+        # A run killed before its first checkpoint leaves only these: start it afresh.
+        if out.exists() and {p.name for p in out.iterdir()} - {"config.yaml", "metrics.jsonl"}:
+            raise ConfigError(f"trainer.output_dir={out}: not empty and holds no checkpoint; pick another dir")
+        return False
+
+    def finished_result(self) -> TrainResult | None:
+        """The saved result of a run that already reached trainer.max_steps (nothing to train)."""
+        result_file = self.output_dir / "result.json"
+        if self.resuming and result_file.exists():
+            saved = json.loads(result_file.read_text())
+            if saved["step"] >= self.cfg.trainer.max_steps:
+                return TrainResult(**{**saved, "resumed_complete": True})
+        return None
+
+    # ------------------------------------------------------------------------------ life cycle
+    def open(self, learner, tokenizer) -> "TrainingRun":
+        """Restore a resumed run into `learner`, open the MLflow run and metrics.jsonl."""
+        from popo_core.tracking import Run
+
+        cfg, out = self.cfg, self.output_dir
+        self.learner, self.tokenizer = learner, tokenizer
+        if self.resuming:
+            self.state.update(checkpoint.restore(out, model=learner.model, optimizer=learner.optimizer,
+                                                 scheduler=learner.scheduler, momentum=learner.momentum,
+                                                 predictor=learner.predictor))
+            for k, v in self.state.get("counters", {}).items():
+                setattr(learner.counters, k, v)
+        self.state["config"] = to_flat_dict(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        t = cfg.tracking
+        tags = {"popo.preset": cfg.preset, "popo.algo": cfg.algo.name, "popo.output_dir": str(out.resolve())}
+        self._mlflow = Run(uri=t.uri, experiment=t.experiment, enabled=t.enabled, run_id=self.state["run_id"],
+                           run_name=t.run_name or out.name, parent_run_id=t.parent_run_id, tags=tags)
+        if self.state["run_id"] is None:
+            params = to_flat_dict(cfg) | {"model.parameters": sum(p.numel() for p in learner.model.parameters())}
+            self._mlflow.log_params(params)
+            self._mlflow.log_text(to_yaml(cfg), "config.yaml")
+        else:
+            self._mlflow_has = self._mlflow.last_step("reward/mean")
+        self.state["run_id"] = self._mlflow.run_id
+        self._log = open(self._truncated_metrics(), "a")
+        self.callbacks.on_start(self.state["step"], cfg.trainer.max_steps, out)
+        return self
+
+    def _truncated_metrics(self) -> Path:
+        """metrics.jsonl holding only the steps up to the restored checkpoint's (none when starting)."""
+        path = self.output_dir / "metrics.jsonl"
+        if path.exists() and not self.resuming:
+            path.unlink()
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.state["step"]]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        return path
+
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._log is not None:
+            self._log.close()
+        if exc_type is not None and self._mlflow is not None:
+            self._mlflow.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    def steps(self) -> range:
+        return range(self.state["step"] + 1, self.cfg.trainer.max_steps + 1)
+
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.trainer.eval_every
+        return step == self.cfg.trainer.max_steps or bool(every and step % every == 0)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step > self._mlflow_has:
+            self._mlflow.log_metrics(metrics, step)
+        self._log.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._log.flush()
+        self.state["step"] = step
+        self.state["history"].append({"step": step, **{k: metrics[k] for k in HISTORY_KEYS if k in metrics}})
+        self.callbacks.on_step(step, metrics)
+        if "eval/accuracy" in metrics:
+            self.callbacks.on_eval(step, metrics["eval/accuracy"])
+
+    def save_due(self, step: int) -> bool:
+        return step % self.cfg.trainer.save_every == 0 or step == self.cfg.trainer.max_steps
+
+    def save(self) -> None:
+        learner = self.learner
+        self.state["counters"] = asdict(learner.counters)
+        checkpoint.save(self.output_dir, model=learner.model, tokenizer=self.tokenizer, optimizer=learner.optimizer,
+                        scheduler=learner.scheduler, state=self.state, momentum=learner.momentum,
+                        predictor=learner.predictor)
+
+    def finish(self, metrics: dict[str, float]) -> TrainResult:
+        from popo_core.models import save_policy
+        from popo_core.plots import training_curves
+
+        out = self.output_dir
+        save_policy(self.learner.model, self.tokenizer, out)
+        history = self.state["history"]
+        evals = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
+        result = TrainResult(str(out), self._mlflow.run_id, self.state["step"], evals[-1] if evals else None, metrics, history)
+        (out / "result.json").write_text(json.dumps(asdict(result), indent=1))
+        png = training_curves(history, out / "curves.png", title=f"{self.cfg.preset} / {self.cfg.algo.name}")
+        self._mlflow.log_artifact(png)
+        self._mlflow.log_artifact(out / "metrics.jsonl")
+        if result.final_accuracy is not None:
+            self._mlflow.log_metrics({"final/accuracy": result.final_accuracy}, self.state["step"])
+        self._mlflow.finish("FINISHED")
+        return result

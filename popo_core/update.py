@@ -1,0 +1,331 @@
+"""The update: one rollout batch -> `algo.epochs` passes of `algo.mini_batches` optimizer steps.
+
+Each optimizer step reads forward/backward -> clip -> step -> momentum update (METHOD.md sections
+1-2). A micro-batch is any slice of at most `trainer.micro_batch_size` of the completions the method
+forwards, a group may span several: the step's quantities (advantages, weights, normalisers) are
+computed once over the whole step, so the gradient does not depend on the split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from popo_core.algos import rollout_divergence, rollout_weights
+from popo_core.objective import Objective
+from popo_core.policy import collate, completion_forward, completion_logprobs_and_entropy
+from popo_core.rollout import Rollouts
+from popo_core.siamese import momentum_at, momentum_update_
+
+
+class TrainingAborted(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class Counters:
+    updates: int = 0  # optimizer steps taken or skipped (the K of the momentum schedule)
+    skipped: int = 0  # skipped: no completion to learn from, or a non-finite loss or gradient
+    nonfinite: int = 0  # non-finite losses in a row
+
+
+@dataclass
+class Learner:
+    """What the update reads and advances: the networks, the optimizer and the method."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    params: list
+    objective: Objective
+    pad_id: int
+    suppress: list[int]
+    temperature: float  # the sampler's: log-probs are of logits / temperature (METHOD.md, Setting)
+    total_updates: int
+    momentum: Any = None  # the siamese momentum network xi (METHOD.md section 2)
+    reference: Any = None  # frozen initial policy (GRPO's KL term)
+    predictor: Any = None  # BYOL predictor (METHOD.md section 3)
+    counters: Counters = field(default_factory=Counters)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class Batch:
+    """A graded rollout batch as tensors; rows are completions, prompt-major."""
+
+    rollouts: Rollouts
+    rewards: Tensor  # [N] in {0, 1}
+    group_ids: Tensor  # [N]
+    lengths: Tensor  # [N] completion tokens, EOS included
+    sampler_logprobs: Tensor | None  # [N, W] the sampler's own log-probs (mu), zero-padded
+
+    @classmethod
+    def of(cls, rollouts: Rollouts, rewards: Tensor) -> "Batch":
+        device = rewards.device
+        lengths = torch.tensor([len(c) for c in rollouts.completion_ids], device=device)
+        mu = None
+        if rollouts.logprobs is not None:
+            width = max(int(lengths.max()), 1)
+            mu = torch.tensor([row + [0.0] * (width - len(row)) for row in rollouts.logprobs], device=device)
+        return cls(rollouts, rewards, torch.tensor(rollouts.group_ids, device=device), lengths, mu)
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+
+# ---------------------------------------------------------------------------------- forwards
+def _collate(learner: Learner, batch: Batch, rows: list[int]):
+    r = batch.rollouts
+    return collate([r.prompt_ids[i] for i in rows], [r.completion_ids[i] for i in rows], learner.pad_id, learner.device)
+
+
+def _padded(t: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, max(width - t.shape[1], 0)))[:, :width]
+
+
+def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batch_size: int,
+              entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (and entropies) of `rows` under `model`, no gradient, as [N, W] tensors
+    over the whole batch (zero where not computed)."""
+    width = max(int(batch.lengths.max()), 1)
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    lp = torch.zeros(len(batch), width, device=learner.device, dtype=dtype)
+    ent = torch.zeros_like(lp) if entropy else None
+    for start in range(0, len(rows), micro_batch_size):
+        micro = rows[start : start + micro_batch_size]
+        seqs = _collate(learner, batch, micro)
+        m_lp, m_ent = completion_logprobs_and_entropy(model, seqs, temperature=learner.temperature,
+                                                      suppress_ids=learner.suppress)
+        index = torch.tensor(micro, device=learner.device)
+        lp[index] = _padded(m_lp.to(dtype), width)
+        if ent is not None:
+            ent[index] = _padded(m_ent.to(dtype), width)
+    return lp, ent
+
+
+# -------------------------------------------------------------------------- one optimizer step
+@dataclass
+class StepInputs:
+    """One optimizer step's completions and what was computed for them before the step."""
+
+    rows: Tensor  # batch rows of the step (whole groups)
+    old: Tensor | None  # [N, W] pi_old log-probs; None: the step's own forward is at pi_old
+    ref: Tensor | None  # [N, W] reference log-probs
+
+
+def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_size: int, correction: str = "none",
+             cap: float = 2.0) -> dict[str, float]:
+    """Forward and backward of one optimizer step over its forwarded completions, in micro-batches;
+    the gradients add up to the whole step's. Returns the step's metrics and, under "tokens" and
+    "finite", how many completion tokens it sent through backward and whether the loss was finite."""
+    obj, rows = learner.objective, inputs.rows
+    rewards, gids, lengths = batch.rewards[rows], batch.group_ids[rows], batch.lengths[rows]
+    seq_log_ratio = None
+    if obj.needs.seq_log_ratio and inputs.old is not None:
+        seq_log_ratio = _seq_log_ratio(learner, batch, rows, inputs.old, micro_batch_size)
+    # METHOD.md section 1: the normalisers are those of the whole optimizer step.
+    step = obj.step(rewards, gids, lengths, seq_log_ratio=seq_log_ratio)
+    forwarded = obj.forwarded(rewards)
+    penalised = forwarded & obj.penalised(rewards)
+    n_penalised = int(penalised.sum())
+    positions = forwarded.nonzero().squeeze(-1)
+    penalty = obj.penalty_fn()
+    # Sums over micro-batches: the losses (each already over the step's denominators) and the
+    # token-weighted loss metrics; the sampler divergence when this forward is pi_old's.
+    sums = {"loss/policy": 0.0, "tokens": 0.0, "penalty": 0.0, "mismatch": 0.0, "kl": 0.0, "sampled_tokens": 0.0}
+    finite, penalty_key = True, None
+    for start in range(0, len(positions), micro_batch_size):
+        pos = positions[start : start + micro_batch_size]
+        micro = rows[pos].tolist()
+        seqs = _collate(learner, batch, micro)
+        reads_hidden = penalty is not None and obj.penalty.reads == "hidden"
+        lp, h = completion_forward(learner.model, seqs, temperature=learner.temperature, suppress_ids=learner.suppress,
+                                   hidden=reads_hidden)
+        mask, width = seqs.mask, seqs.mask.shape[1]
+        # pi_old (METHOD.md, Setting): recomputed before the step, or, with one optimizer step per
+        # rollout batch, this very forward (rho = 1 exactly).
+        old = inputs.old[micro, :width] if inputs.old is not None else lp.detach()
+        mu = batch.sampler_logprobs[micro, :width] if batch.sampler_logprobs is not None else None
+        if inputs.old is None and mu is not None:
+            for k, v in rollout_divergence(old, mu, mask).items():
+                sums[k] += v
+        token_weight = rollout_weights(old, mu, mask, mode=correction, cap=cap)
+        extra = {"ref_logprobs": inputs.ref[micro, :width]} if obj.needs.reference else {}
+        loss, m = obj.policy_loss(lp, old, mask, batch.rewards[micro], batch.group_ids[micro], step=step.take(pos),
+                                  token_weight=token_weight, **extra)
+        n_tok = float(mask.sum())
+        sums["loss/policy"] += float(loss.detach())
+        sums["tokens"] += n_tok
+        for key, value in m.items():  # clip/fraction, ratio/mean, ...: token means, weighted
+            sums[key] = sums.get(key, 0.0) + value * n_tok
+        pen_rows = penalised[pos]
+        if penalty is not None and bool(pen_rows.any()):
+            # METHOD.md section 3: the penalty over the method's penalised completions, mean over the step's.
+            p_loss, p_metrics = _penalty(learner, batch, micro, seqs, lp, h, pen_rows, n_penalised, penalty)
+            sums["penalty"] += float(p_loss.detach())
+            penalty_key = next(iter(p_metrics))
+            loss = loss + obj.penalty_weight * p_loss
+        finite &= bool(torch.isfinite(loss.detach()))
+        if loss.requires_grad:
+            loss.backward()
+    return _step_metrics(sums, penalty_key) | {"finite": float(finite), "tokens": sums["tokens"]}
+
+
+def _seq_log_ratio(learner: Learner, batch: Batch, rows: Tensor, old: Tensor, micro_batch_size: int) -> Tensor:
+    """mean_t log rho_it of every row of the step at the current policy (no gradient), for
+    self-normalised weights; zero for rows the method does not forward."""
+    forwarded = learner.objective.forwarded(batch.rewards[rows])
+    fwd_rows = rows[forwarded].tolist()
+    current, _ = recompute(learner, learner.model, batch, fwd_rows, micro_batch_size)
+    mask = torch.arange(old.shape[1], device=old.device)[None, :] < batch.lengths[rows][:, None]
+    diff = torch.where(mask, current[rows] - old[rows], torch.zeros_like(old[rows]))
+    out = diff.sum(-1) / mask.sum(-1).clamp_min(1)
+    return torch.where(forwarded, out, torch.zeros_like(out))
+
+
+def _penalty(learner: Learner, batch: Batch, micro: list[int], seqs, lp, h, pen_rows: Tensor, n_rows: int, penalty):
+    obj = learner.objective
+    reads_hidden = obj.penalty.reads == "hidden"
+    with torch.no_grad():
+        if bool(pen_rows.all()):  # the micro-batch is the penalised rows: reuse it
+            mom_seqs = seqs
+        else:
+            mom_seqs = _collate(learner, batch, [r for r, p in zip(micro, pen_rows.tolist()) if p])
+        mom_lp, mom_h = completion_forward(learner.momentum, mom_seqs, temperature=learner.temperature,
+                                           suppress_ids=learner.suppress, logprobs=not reads_hidden, hidden=reads_hidden)
+    width = mom_seqs.mask.shape[1]
+    mask = seqs.mask[pen_rows][:, :width]
+    if reads_hidden:
+        return penalty(h[pen_rows][:, :width], mom_h, mask, predictor=learner.predictor, n_rows=n_rows)
+    return penalty(lp[pen_rows][:, :width], mom_lp, mask, n_rows=n_rows)
+
+
+def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> dict[str, float] | None:
+    """backward -> clip -> AdamW step -> momentum update. Returns the step's metrics, or None when
+    the step was skipped (nothing to learn from, or a non-finite loss or gradient)."""
+    a, o, t, c = cfg.algo, cfg.optim, cfg.trainer, learner.counters
+    metrics = backward(learner, batch, inputs, micro_batch_size=t.micro_batch_size, correction=a.rollout_correction,
+                       cap=a.rollout_is_cap)
+    tokens, finite = metrics.pop("tokens"), bool(metrics.pop("finite"))
+    learned = tokens > 0 and finite
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(learner.params, o.max_grad_norm)) if learned else float("nan")
+    stepped = learned and math.isfinite(grad_norm)
+    if stepped:
+        learner.optimizer.step()
+        learner.scheduler.step()
+        c.nonfinite = 0
+    else:
+        c.skipped += 1
+        if tokens > 0:  # something to learn from, but the loss or gradient was not finite
+            c.nonfinite += 1
+            if c.nonfinite >= t.max_nonfinite:
+                raise TrainingAborted(f"{c.nonfinite} non-finite losses in a row (trainer.max_nonfinite); "
+                                      "lower optim.lr or check the model's dtype")
+    learner.optimizer.zero_grad(set_to_none=True)
+    c.updates += 1
+    if learner.momentum is not None:
+        # METHOD.md section 2: xi <- m * xi + (1 - m) * theta after every optimizer step.
+        m = momentum_at(c.updates, learner.total_updates, a.momentum, a.momentum_schedule)
+        momentum_update_(learner.momentum.parameters(), learner.model.parameters(), m)
+    return metrics | {"grad/norm": grad_norm} if stepped else None
+
+
+def _step_metrics(sums: dict[str, float], penalty_key: str | None) -> dict[str, float]:
+    tokens = max(sums["tokens"], 1.0)
+    out = {"loss/policy": sums["loss/policy"]}
+    out |= {k: v / tokens for k, v in sums.items() if "/" in k and k != "loss/policy"}
+    if penalty_key is not None:
+        out[penalty_key] = sums["penalty"]  # each micro-batch's term is over the step's count: their sum is the mean
+    if sums["sampled_tokens"] > 0:
+        out["rollout/logprob_mismatch"] = sums["mismatch"] / sums["sampled_tokens"]
+        out["rollout/kl"] = sums["kl"] / sums["sampled_tokens"]
+    return out
+
+
+# ------------------------------------------------------------------------------- the update
+def mini_batch_groups(n_prompts: int, mini_batches: int, generator: torch.Generator) -> list[list[int]]:
+    """One pass: a seeded permutation of the prompts cut into `mini_batches` disjoint slices."""
+    order = torch.randperm(n_prompts, generator=generator).tolist()
+    return [sorted(order[k::mini_batches]) for k in range(mini_batches)]
+
+
+def update(learner: Learner, batch: Batch, cfg, step: int) -> dict[str, float]:
+    """algo.epochs passes of algo.mini_batches optimizer steps over the rollout batch (METHOD.md,
+    Setting); returns the step's metrics, averaged over the optimizer steps that were taken."""
+    a, t, obj = cfg.algo, cfg.trainer, learner.objective
+    every_row = list(range(len(batch)))
+    forwarded = obj.forwarded(batch.rewards).nonzero().squeeze(-1).tolist()
+    diagnose = bool(t.diagnostics_every) and step % t.diagnostics_every == 0
+    several = a.epochs * a.mini_batches > 1
+    metrics: dict[str, float] = {}
+    before = entropy = old = ref = None
+    if several or diagnose:
+        # One no-grad pass at pi_old: the old log-probs of several updates, and on diagnostic
+        # steps every completion's log-prob and entropy before the updates.
+        before, entropy = recompute(learner, learner.model, batch, every_row if diagnose else forwarded,
+                                    t.micro_batch_size, entropy=diagnose)
+        old = before if several else None
+        if several and batch.sampler_logprobs is not None:
+            metrics |= _divergence(before, batch, every_row if diagnose else forwarded)
+    if learner.reference is not None:
+        ref, _ = recompute(learner, learner.reference, batch, forwarded, t.micro_batch_size)
+
+    taken: list[dict[str, float]] = []
+    forward_tokens = 0
+    generator = torch.Generator().manual_seed(t.seed * 7919 + step)
+    n_prompts = int(batch.group_ids.max()) + 1
+    for _ in range(a.epochs):
+        for groups in mini_batch_groups(n_prompts, a.mini_batches, generator):
+            rows = torch.isin(batch.group_ids, torch.tensor(groups, device=batch.group_ids.device)).nonzero().squeeze(-1)
+            forward_tokens += int(batch.lengths[rows][obj.forwarded(batch.rewards[rows])].sum())
+            step_metrics = optimizer_step(learner, batch, StepInputs(rows, old, ref), cfg)
+            if step_metrics is not None:
+                taken.append(step_metrics)
+    metrics |= _mean(taken)
+    c = learner.counters
+    metrics |= {"train/forward_tokens": forward_tokens, "train/skipped_updates": c.skipped, "train/updates": c.updates,
+                "optim/lr": learner.scheduler.get_last_lr()[0]}
+    if learner.momentum is not None:
+        metrics["momentum/m"] = momentum_at(c.updates, learner.total_updates, a.momentum, a.momentum_schedule)
+    if diagnose:
+        after, _ = recompute(learner, learner.model, batch, every_row, t.micro_batch_size)
+        metrics |= diagnostics(before, after, entropy, batch)
+    return metrics
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
+def _divergence(recomputed: Tensor, batch: Batch, rows: list[int]) -> dict[str, float]:
+    index = torch.tensor(rows, dtype=torch.long, device=recomputed.device)
+    width = batch.sampler_logprobs.shape[1]
+    mask = torch.arange(width, device=recomputed.device)[None, :] < batch.lengths[index][:, None]
+    sums = rollout_divergence(recomputed[index, :width], batch.sampler_logprobs[index], mask)
+    n = sums["sampled_tokens"]
+    if not n:
+        return {}
+    return {"rollout/logprob_mismatch": sums["mismatch"] / n, "rollout/kl": sums["kl"] / n}
+
+
+def diagnostics(before: Tensor, after: Tensor, entropy: Tensor, batch: Batch) -> dict[str, float]:
+    """METHOD.md section 1: the change of the negatives' (implicit_neg/delta_logp) and positives'
+    (pos/delta_logp) per-token mean log pi over the step's updates; entropy/mean over every sampled token."""
+    width = before.shape[1]
+    mask = (torch.arange(width, device=before.device)[None, :] < batch.lengths[:, None]).float()
+    per_row = ((after - before) * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    positive = batch.rewards > 0.5
+    out = {"entropy/mean": float((entropy * mask).sum() / mask.sum().clamp_min(1.0))}
+    if bool(positive.any()):
+        out["pos/delta_logp"] = float(per_row[positive].mean())
+    if bool((~positive).any()):
+        out["implicit_neg/delta_logp"] = float(per_row[~positive].mean())
+    return out
