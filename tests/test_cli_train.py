@@ -19,6 +19,9 @@ from conftest import BENCH, assert_one_line_error, run_popo, tiny_overrides
         (["tiny", "model.name_or_path=./no/such/dir"], ["model.name_or_path"]),
         (["tiny", "trainer.max_steps=abc"], ["trainer.max_steps"]),
         (["tiny", "momentum"], ["momentum", "key=value"]),
+        (["tiny", "algo=ppo"], ["algo", "ppo"]),
+        (["tiny", "algo=grpo", "rollout.group_size=1"], ["rollout.group_size=1"]),
+        (["tiny", "algo=psr", "algo.use_negatives=true"], ["algo.use_negatives"]),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):
@@ -85,6 +88,19 @@ def test_popo_train_tiny_learns(tmp_path, seed):
     assert len(runs) == 1 and runs[0].data.metrics["eval/accuracy"] >= 0.9
     assert runs[0].data.params["trainer.seed"] == str(seed)
     print(f"seed {seed}: {evals} in {elapsed:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["popo", "grpo", "dr_grpo", "rft", "raft_pp", "psr", "nsr", "w_reinforce"])
+def test_every_registered_method_trains_through_the_cli(tmp_path, algo):
+    proc = run_popo("train", "tiny", f"algo={algo}", *tiny_overrides(tmp_path, **{"trainer.diagnostics_every": 1}),
+                    cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and "eval/accuracy" in rows[-1]
+    seen = set().union(*rows)
+    # Every method logs the same names.
+    assert {"loss/policy", "grad/norm", "clip/fraction", "ratio/mean", "entropy/mean", "train/forward_tokens"} <= seen
 
 
 @pytest.mark.slow
