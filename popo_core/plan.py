@@ -128,7 +128,7 @@ def saved_activation_bytes(arch: Arch, batch: int, prompt: int, completion: int,
     layer = p * (6 * h + 2 * kv + 4 * f) + 4 * (2 * h + 2 + arch.heads)
     stack = tokens * (L * (h * p if checkpointing else layer))
     # Input ids (int64), the final norm (fp32 input, rstd, output), RoPE cos/sin (shared by the batch).
-    stack += tokens * (8 + 4 * h + 4 + 2 * h * p) + 2 * seq * arch.head_dim * p
+    stack += tokens * (8 + 4 * h + 4 + 2 * h * p) + (0 if checkpointing else 2 * seq * arch.head_dim * p)
     # Completion positions only: gather index and mask, hidden states into the head, log-softmax (fp32), targets.
     n = batch * completion
     head = n * (8 + 1) + n * (h * p + 4 * arch.vocab + 8)
