@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,18 @@ from popo_core.models import build_tiny_model, build_tiny_tokenizer
 from popo_core.policy import collate, completion_forward
 
 from conftest import assert_one_line_error, run_popo
+
+
+_DATA: list[str] = []
+
+
+def preset_cfg(name: str, overrides=()):
+    """compose() of a math preset with a stand-in data file, so these tests do not need ../shared."""
+    if not _DATA:
+        path = Path(tempfile.mkdtemp(prefix="popo-plan-")) / "train.jsonl"
+        path.write_text('{"problem": "1+1?", "answer": "2"}\n')
+        _DATA.append(str(path))
+    return compose(name, [f"data.path={_DATA[0]}", f"data.eval_path={_DATA[0]}", *overrides])
 
 
 def qwen2(arch: P.Arch, device="cpu"):
@@ -63,13 +77,13 @@ def test_tiny_mirrors_match_the_builder_and_the_hf_engine():
 
 @pytest.mark.parametrize("preset, expected", [("qwen-math-7b", 7_615_616_512), ("qwen-math-1.5b", 1_543_714_304)])
 def test_preset_parameter_counts_match_the_real_architecture(preset, expected):
-    arch = P.arch_of(compose(preset))
+    arch = P.arch_of(preset_cfg(preset))
     # The hand calculation of docs/scaling.md, and Qwen2 itself at full size on the meta device.
     assert arch.params() == expected == numel(qwen2(arch, device="meta"))
 
 
 def test_7b_is_7_62_billion_within_one_percent():
-    n = P.plan(compose("qwen-math-7b")).params
+    n = P.plan(preset_cfg("qwen-math-7b")).params
     assert abs(n - 7.62e9) / 7.62e9 < 0.01
 
 
@@ -134,7 +148,7 @@ def test_bf16_plan_counts_16_bit_weights_and_fp32_masters():
 
 
 def test_lora_momentum_is_adapter_sized_and_reference_free():
-    cfg = compose("qwen-math-7b", ["model.lora.rank=16", "algo=grpo", "algo.kl_beta=0.04", "algo.siamese=true"])
+    cfg = preset_cfg("qwen-math-7b", ["model.lora.rank=16", "algo=grpo", "algo.kl_beta=0.04", "algo.siamese=true"])
     plan = P.plan(cfg)
     n_lora = P.arch_of(cfg).lora_params(16, cfg.model.lora.targets)
     assert plan.trainable == n_lora
@@ -145,8 +159,8 @@ def test_lora_momentum_is_adapter_sized_and_reference_free():
 
 
 def test_siamese_off_has_no_momentum_and_popo_no_reference():
-    assert P.plan(compose("qwen-math-7b", ["algo=grpo"])).memory["momentum network (fp32)"] == 0
-    assert P.plan(compose("qwen-math-7b", ["algo.kl_beta=0.5"])).memory["reference"] == 0
+    assert P.plan(preset_cfg("qwen-math-7b", ["algo=grpo"])).memory["momentum network (fp32)"] == 0
+    assert P.plan(preset_cfg("qwen-math-7b", ["algo.kl_beta=0.5"])).memory["reference"] == 0
 
 
 # --- activations saved for backward, measured exactly -----------------------------------------
@@ -183,9 +197,9 @@ def test_saved_activations_match_the_plan_exactly(dtype, checkpointing, kv_heads
 
 
 def test_checkpointing_saves_far_less_at_preset_scale():
-    cfg = compose("qwen-math-7b")
+    cfg = preset_cfg("qwen-math-7b")
     with_ckpt = P.plan(cfg)
-    without = P.plan(compose("qwen-math-7b", ["model.gradient_checkpointing=false"]))
+    without = P.plan(preset_cfg("qwen-math-7b", ["model.gradient_checkpointing=false"]))
     assert with_ckpt.memory["activations"] * 5 < without.memory["activations"]
     assert with_ckpt.activations_other == without.memory["activations"]
 
@@ -196,7 +210,7 @@ SHARDED = ("weights", "master weights (fp32)", "gradients (fp32)", "AdamW states
 
 
 def test_sharding_divides_model_state_only():
-    cfg = compose("qwen-math-7b")
+    cfg = preset_cfg("qwen-math-7b")
     one, four = P.plan(cfg, 1), P.plan(cfg, 4)
     for key in SHARDED:
         assert four.memory[key] == one.memory[key] // 4
@@ -206,7 +220,7 @@ def test_sharding_divides_model_state_only():
 
 
 def test_7b_full_needs_several_80_gib_gpus_lora_one():
-    cfg = compose("qwen-math-7b")
+    cfg = preset_cfg("qwen-math-7b")
     n = P.min_gpus(cfg, 80)
     assert n is not None and n > 1
     assert P.plan(cfg, n, gpu_memory_gib=80).fits and not P.plan(cfg, n - 1, gpu_memory_gib=80).fits
@@ -216,18 +230,18 @@ def test_7b_full_needs_several_80_gib_gpus_lora_one():
 
 
 def test_lora_preset_fits_one_24_gib_gpu():
-    assert P.plan(compose("qwen-math-1.5b-lora"), gpu_memory_gib=24).fits
+    assert P.plan(preset_cfg("qwen-math-1.5b-lora"), gpu_memory_gib=24).fits
 
 
 def test_7b_hand_calculation_of_model_state():
     # docs/scaling.md: 2 (bf16 weights) + 4 (fp32 masters) + 4 (grads) + 8 (AdamW) + 4 (momentum) bytes a parameter.
-    plan = P.plan(compose("qwen-math-7b"))
+    plan = P.plan(preset_cfg("qwen-math-7b"))
     n = 7_615_616_512
     assert sum(plan.memory[k] for k in SHARDED) == 22 * n
 
 
 def test_flops_are_six_n_tokens_plus_attention():
-    cfg = compose("qwen-math-7b", ["model.gradient_checkpointing=false", "algo.mini_batches=1", "algo.siamese=false"])
+    cfg = preset_cfg("qwen-math-7b", ["model.gradient_checkpointing=false", "algo.mini_batches=1", "algo.siamese=false"])
     arch = P.arch_of(cfg)
     f = P.plan(cfg).flops
     C, S, T = 128 * 8, 512 + 3000, 3000
@@ -276,7 +290,7 @@ def test_too_big_for_the_stated_gpu_stops_before_loading(workdir):
 def test_no_fit_check_on_cpu():
     from popo_cli.plan_view import preflight
 
-    preflight(compose("qwen-math-7b", ["trainer.device=cpu"]), 1.0)  # returns: CPU runs are not checked
+    preflight(preset_cfg("qwen-math-7b", ["trainer.device=cpu"]), 1.0)  # returns: CPU runs are not checked
 
 
 def test_dry_run_without_architecture_is_one_line(workdir):
