@@ -42,6 +42,11 @@ def make_progress_callbacks(label: str = "train"):
 def train(
     preset: Optional[str] = typer.Argument(None, help="Preset; see below. Default: tiny.", show_default=False),
     overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides, e.g. algo=grpo algo.momentum=0.95"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the memory/FLOPs plan per GPU; load nothing."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GPU memory in GiB for the plan and the fit check (default: the detected GPU; 80 for --dry-run without one)."),
+    gpus: int = typer.Option(1, "--gpus", help="--dry-run: plan sharded FSDP-style over this many GPUs."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="--dry-run: prompt length to plan for (default: exact for tiny, 512 for math)."),
+    no_fit_check: bool = typer.Option(False, "--no-fit-check", help="Skip the check that the run fits its GPU."),
 ) -> None:
     """Train with POPO (or GRPO: algo=grpo) on a preset, logging to MLflow."""
     setup_env()
@@ -50,6 +55,17 @@ def train(
         from popo_core.config import compose
 
         cfg = compose(preset, overrides)
+        from popo_cli import plan_view
+
+        if gpu_memory is not None and not gpu_memory > 0:
+            fail(f"--gpu-memory {gpu_memory}: must be > 0 (GiB)")
+        if gpus < 1 or (prompt_tokens is not None and prompt_tokens < 1):
+            fail(f"--gpus {gpus} / --prompt-tokens {prompt_tokens}: must be >= 1")
+        if dry_run:
+            plan_view.render(cfg, gpu_memory=gpu_memory, world_size=gpus, prompt_tokens=prompt_tokens)
+            return
+        if not no_fit_check:
+            plan_view.preflight(cfg, gpu_memory)
         from popo_core.train import Trainer, TrainingAborted
 
         bar = make_progress_callbacks(f"{preset}/{cfg.algo.name}")

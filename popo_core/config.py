@@ -23,6 +23,37 @@ REPRESENTATIONS = ("mean", "token")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
+# Module names of a Qwen2 decoder layer that LoRA may adapt (the plan knows their shapes).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ArchConfig:
+    """A Qwen2 architecture's numbers, from the model's config.json, so `popo train --dry-run` plans
+    memory and FLOPs without a download. None: unknown. The tiny model ignores these: its
+    architecture follows model.hidden_size, model.num_layers, model.num_heads, model.tie_embeddings."""
+
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_layers: Optional[int] = None  # num_hidden_layers
+    num_heads: Optional[int] = None  # num_attention_heads
+    num_kv_heads: Optional[int] = None  # num_key_value_heads
+    vocab_size: Optional[int] = None
+    tie_embeddings: Optional[bool] = None  # tie_word_embeddings
+    max_position_embeddings: Optional[int] = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the policy; rank 0 is off. With LoRA the momentum network is a second
+    adapter on the same frozen base (METHOD.md section 2)."""
+
+    rank: int = 0  # peft's r
+    alpha: float = 32.0  # peft's lora_alpha (scale alpha / rank); 32 as in LoRA Without Regret
+    dropout: float = 0.0  # peft's lora_dropout
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # peft's target_modules
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny"  # "tiny" (random-init, built locally), a Hub id or a local directory
@@ -38,6 +69,8 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 2
     tie_embeddings: bool = True
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -259,9 +292,33 @@ def validate(cfg: Config) -> None:
     for key, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
         if value and _looks_local(value) and not Path(value).exists():
             raise ConfigError(f"{key}={value}: file not found")
+    _validate_model(cfg.model)
     if cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
         if not Path(cfg.model.name_or_path).exists():
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: directory not found")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """model.arch.* (when given) and model.lora.*."""
+    arch = m.arch
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
+                "max_position_embeddings"):
+        value = getattr(arch, key)
+        _check(value is None or value >= 1, f"model.arch.{key}", value, "must be >= 1")
+    if arch.hidden_size and arch.num_heads:
+        _check(arch.hidden_size % arch.num_heads == 0, "model.arch.num_heads", arch.num_heads,
+               f"must divide model.arch.hidden_size ({arch.hidden_size})")
+    if arch.num_heads and arch.num_kv_heads:
+        _check(arch.num_heads % arch.num_kv_heads == 0, "model.arch.num_kv_heads", arch.num_kv_heads,
+               f"must divide model.arch.num_heads ({arch.num_heads})")
+    lora = m.lora
+    _check(lora.rank >= 0, "model.lora.rank", lora.rank, "must be >= 0 (0: LoRA off)")
+    _check(lora.alpha > 0, "model.lora.alpha", lora.alpha, "must be > 0")
+    _check(0.0 <= lora.dropout < 1.0, "model.lora.dropout", lora.dropout, "must be in [0, 1)")
+    _check(len(lora.targets) > 0, "model.lora.targets", lora.targets, "must name at least one module")
+    for name in lora.targets:
+        _check(name in LORA_TARGETS, "model.lora.targets", name, f"unknown module (choose from {', '.join(LORA_TARGETS)})")
+    _check(len(set(lora.targets)) == len(lora.targets), "model.lora.targets", lora.targets, "lists a module twice")
 
 
 def _looks_local(value: str) -> bool:

@@ -1,0 +1,351 @@
+"""What a run needs per GPU, before it loads anything: parameters, memory and FLOPs.
+
+Pure arithmetic on the config (no torch, no download): the presets carry their architecture
+numbers (model.arch.*). Formulas and their sources are in docs/scaling.md; the parts the tiny
+model can show on CPU (parameter count, bytes of weights, AdamW state, momentum copy, activations
+saved for backward) are checked against the real model in tests/test_plan.py.
+
+Memory is in bytes; GiB = 2**30 bytes, the unit torch and nvidia-smi report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from popo_core.config import Config, ConfigError
+
+GIB = 2**30
+# Mirrors of the tiny builder (popo_core.models, tested equal there), so planning needs no torch:
+TINY_VOCAB_SIZE = 101  # 4 special tokens + 97 characters
+TINY_INTERMEDIATE_FACTOR = 4  # intermediate_size = 4 * hidden_size, one KV head per head
+TINY_MAX_POSITIONS = 4096
+HF_GENERATE_BATCH = 512  # HFEngine's batch_size: sequences per `generate` call
+# Assumptions (docs/scaling.md says why):
+MATH_PROMPT_TOKENS = 512  # prompt length cap for data.task=math (Tina's max_prompt_length)
+OVERHEAD_BYTES = 1 * GIB  # CUDA context, cuBLAS/NCCL workspaces, allocator slack per GPU
+LORA_HINT_RANK = 32  # the rank the "with LoRA" plan uses when the config has none (Tina's)
+
+
+@dataclass(frozen=True)
+class Arch:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    max_positions: Optional[int] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear module of one decoder layer."""
+        h, f, kv = self.hidden, self.intermediate, self.kv_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+    def layer_params(self) -> int:
+        # Qwen2: biases on q, k and v only; two RMSNorm weight vectors per layer.
+        linear = sum(i * o for i, o in self.module_shapes().values())
+        return linear + self.hidden + 2 * self.kv_dim + 2 * self.hidden
+
+    def linear_params(self) -> int:
+        """Weights that multiply activations in the decoder stack (for FLOPs): no biases or norms."""
+        return self.layers * sum(i * o for i, o in self.module_shapes().values())
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        head = 0 if self.tied else self.vocab * self.hidden
+        return embed + head + self.layers * self.layer_params() + self.hidden  # + final norm
+
+    def lora_params(self, rank: int, targets) -> int:
+        shapes = self.module_shapes()
+        return self.layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def arch_of(cfg: Config) -> Arch:
+    """The model's architecture: the tiny builder's, or model.arch.* (ConfigError if incomplete)."""
+    m = cfg.model
+    if m.name_or_path == "tiny":
+        return Arch(m.hidden_size, TINY_INTERMEDIATE_FACTOR * m.hidden_size, m.num_layers, m.num_heads, m.num_heads,
+                    TINY_VOCAB_SIZE, m.tie_embeddings, TINY_MAX_POSITIONS)
+    a = m.arch
+    fields = {"hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size, "num_layers": a.num_layers,
+              "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "vocab_size": a.vocab_size,
+              "tie_embeddings": a.tie_embeddings}
+    missing = [k for k, v in fields.items() if v is None]
+    if missing:
+        raise ConfigError(f"model.arch.{missing[0]} is not set: the plan needs the architecture numbers of "
+                          f"{m.name_or_path} (its config.json) as model.arch.* overrides")
+    return Arch(a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.vocab_size,
+                a.tie_embeddings, a.max_position_embeddings)
+
+
+def has_arch(cfg: Config) -> bool:
+    try:
+        arch_of(cfg)
+    except ConfigError:
+        return False
+    return True
+
+
+def compute_bytes(cfg: Config) -> int:
+    """Bytes per element of the weights as loaded and of the forward/backward (auto: bf16 on GPU)."""
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        return 4 if cfg.trainer.device == "cpu" else 2
+    return 4 if dtype == "float32" else 2
+
+
+def prompt_tokens_of(cfg: Config) -> int:
+    """The tiny task's prompts are exact ("3+4=", one token a character); math prompts use a cap."""
+    if cfg.data.task == "tiny":
+        return 2 * cfg.data.operands
+    return MATH_PROMPT_TOKENS
+
+
+def saved_activation_bytes(arch: Arch, batch: int, prompt: int, completion: int, p: int,
+                           checkpointing: bool) -> tuple[int, int]:
+    """(bytes the decoder stack saves for backward, bytes the LM head path saves) for one micro-batch.
+
+    Counted tensor by tensor for transformers' Qwen2 with SDPA attention (docs/scaling.md): per token
+    and layer, p * (6h + 2kv + 4f) for the normed inputs, q, k, v, the attention output and the four
+    MLP tensors, plus 8h + 8 + 4 heads bytes that RMSNorm (it upcasts to fp32) and the attention's
+    log-sum-exp keep in fp32. With checkpointing only each layer's input (h * p) stays.
+    """
+    h, kv, f, L = arch.hidden, arch.kv_dim, arch.intermediate, arch.layers
+    seq = prompt + completion
+    tokens = batch * seq
+    layer = p * (6 * h + 2 * kv + 4 * f) + 4 * (2 * h + 2 + arch.heads)
+    stack = tokens * (L * (h * p if checkpointing else layer))
+    # Input ids (int64), the final norm (fp32 input, rstd, output), RoPE cos/sin (shared by the batch).
+    stack += tokens * (8 + 4 * h + 4 + 2 * h * p) + (0 if checkpointing else 2 * seq * arch.head_dim * p)
+    # Completion positions only: gather index and mask, hidden states into the head, log-softmax (fp32), targets.
+    n = batch * completion
+    head = n * (8 + 1) + n * (h * p + 4 * arch.vocab + 8)
+    return stack, head
+
+
+def recompute_layer_bytes(arch: Arch, batch: int, seq: int, p: int) -> int:
+    """With checkpointing, backward re-runs one layer at a time and holds its saved tensors."""
+    h, kv, f = arch.hidden, arch.kv_dim, arch.intermediate
+    return batch * seq * (p * (6 * h + 2 * kv + 4 * f) + 4 * (2 * h + 2 + arch.heads))
+
+
+@dataclass
+class Plan:
+    """Memory per GPU (bytes) and FLOPs per rollout step of one config on `world_size` GPUs."""
+
+    preset: str
+    world_size: int
+    gpu_bytes: int
+    lora_rank: int
+    params: int
+    trainable: int
+    prompt_tokens: int
+    completion_tokens: int
+    micro_batch: int
+    checkpointing: bool
+    memory: dict[str, int] = field(default_factory=dict)  # component -> bytes per GPU at the peak
+    activations_other: int = 0  # activations with the other checkpointing setting (shown, not summed)
+    train_peak: int = 0
+    generate_peak: int = 0
+    peak: int = 0
+    vllm_kv_bytes: Optional[int] = None  # KV cache left in vLLM's share after its weights
+    kv_bytes_per_token: int = 0
+    kv_needed_bytes: int = 0  # KV cache for the whole rollout batch at full length at once
+    flops: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.gpu_bytes and (self.vllm_kv_bytes is None or self.vllm_kv_bytes > 0)
+
+    @property
+    def model_flops(self) -> float:
+        """FLOPs of the step's useful work (no recomputation): what MFU divides by."""
+        return sum(v for k, v in self.flops.items() if k not in ("recompute", "total"))
+
+
+def with_lora(cfg: Config, rank: int) -> Config:
+    """A copy of cfg with model.lora.rank set (0: full fine-tuning)."""
+    lora = dataclasses.replace(cfg.model.lora, rank=rank)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora))
+
+
+def plan(cfg: Config, world_size: int = 1, *, gpu_memory_gib: float = 80.0,
+         prompt_tokens: Optional[int] = None) -> Plan:
+    """Memory per GPU and FLOPs per step, FSDP-style over `world_size` GPUs: weights, master
+    weights, gradients, optimizer states, the momentum copy and a frozen reference are divided by
+    world_size; activations, logits, generation and vLLM's share are per GPU as they are."""
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: must be >= 1")
+    arch = arch_of(cfg)
+    a, r, t, lora = cfg.algo, cfg.rollout, cfg.trainer, cfg.model.lora
+    p = compute_bytes(cfg)
+    n_params = arch.params()
+    n_lora = arch.lora_params(lora.rank, lora.targets) if lora.rank else 0
+    predictor = (4 * arch.hidden**2 + 3 * arch.hidden) if a.siamese and a.predictor else 0  # Linear(h,2h), Linear(2h,h)
+    policy_trainable = n_lora if lora.rank else n_params
+    trainable = policy_trainable + predictor
+    prompt = prompt_tokens if prompt_tokens is not None else prompt_tokens_of(cfg)
+    completion, seq = r.max_new_tokens, prompt + r.max_new_tokens
+    micro = min(t.micro_batch_size, r.prompts_per_step * r.group_size)
+    completions = r.prompts_per_step * r.group_size
+    ckpt = cfg.model.gradient_checkpointing
+    N = world_size
+    out = Plan(cfg.preset, N, int(gpu_memory_gib * GIB), lora.rank, n_params, trainable, prompt, completion, micro, ckpt)
+
+    # Model state (sharded). Trainable parameters are kept in fp32 (master weights) when the
+    # weights are 16-bit; LoRA adapters are fp32 (peft's default for a 16-bit base).
+    mem = out.memory
+    mem["weights"] = n_params * p // N
+    mem["master weights (fp32)"] = (trainable * 4 if (lora.rank or p == 2) else predictor * 4) // N
+    mem["gradients (fp32)"] = trainable * 4 // N
+    mem["AdamW states (fp32)"] = trainable * 8 // N
+    # Section 2: the momentum copy of what is trained (the adapter only, with LoRA), in fp32.
+    mem["momentum network (fp32)"] = (policy_trainable * 4 if a.siamese else 0) // N
+    # GRPO's frozen reference; with LoRA it is the base with adapters disabled (no memory).
+    needs_reference = a.kl_beta > 0 and a.name != "popo"
+    mem["reference"] = (n_params * p if needs_reference and not lora.rank else 0) // N
+
+    # Training phase, per GPU.
+    stack, head = saved_activation_bytes(arch, micro, prompt, completion, p, ckpt)
+    other, _ = saved_activation_bytes(arch, micro, prompt, completion, p, not ckpt)
+    recompute = recompute_layer_bytes(arch, micro, seq, p) if ckpt else 0
+    mem["activations"] = stack + recompute
+    out.activations_other = other + (0 if ckpt else recompute_layer_bytes(arch, micro, seq, p))
+    # The head's fp32 logits: log-softmax saved (in `head`), plus at the backward peak the fp32
+    # gradients of the logits and of the log-softmax (8 bytes a logit).
+    n_logits = micro * completion * arch.vocab
+    mem["LM-head logits"] = head + 8 * n_logits
+    largest_unit = max(arch.layer_params(), arch.vocab * arch.hidden)
+    mem["FSDP all-gather buffer"] = 2 * largest_unit * p if N > 1 else 0  # the unit in use and the next
+
+    # Rollouts.
+    out.kv_bytes_per_token = 2 * arch.layers * arch.kv_dim * p  # K and V of every layer
+    out.kv_needed_bytes = completions * seq * out.kv_bytes_per_token
+    if r.engine == "vllm":
+        share = int(r.gpu_memory_utilization * out.gpu_bytes)
+        mem["vLLM (gpu_memory_utilization share)"] = share
+        out.vllm_kv_bytes = share - n_params * p  # vLLM's own full copy of the weights comes first
+        mem["HF generate KV cache"] = 0
+    else:
+        batch = min(completions, HF_GENERATE_BATCH)
+        # KV cache of one generate call at full length, plus the fp32 scores and log-softmax of a step.
+        mem["HF generate KV cache"] = batch * seq * out.kv_bytes_per_token + 2 * batch * arch.vocab * 4
+    mem["CUDA context and workspace"] = OVERHEAD_BYTES
+
+    persistent = sum(v for k, v in mem.items() if k not in
+                     ("gradients (fp32)", "activations", "LM-head logits", "FSDP all-gather buffer", "HF generate KV cache"))
+    out.train_peak = persistent + mem["gradients (fp32)"] + mem["activations"] + mem["LM-head logits"] \
+        + mem["FSDP all-gather buffer"]
+    out.generate_peak = persistent + mem["HF generate KV cache"] + mem["FSDP all-gather buffer"]
+    out.peak = max(out.train_peak, out.generate_peak)
+    out.flops = step_flops(cfg, arch, prompt)
+    _add_notes(out, cfg, arch, seq)
+    return out
+
+
+def step_flops(cfg: Config, arch: Arch, prompt: int) -> dict[str, float]:
+    """FLOPs of one rollout step over the whole batch (all GPUs together), at full length.
+
+    2 FLOPs per multiply-add: a forward costs 2 * linear params per token, causal attention
+    2 * layers * hidden * S^2 per sequence (QK^T and AV, half the square), and the LM head
+    2 * vocab * hidden per completion token only. Backward is 2x forward with full fine-tuning
+    and ~1x with LoRA (input gradients only; the adapters' own weight gradients are counted).
+    """
+    a, r, lora = cfg.algo, cfg.rollout, cfg.model.lora
+    h, L, V = arch.hidden, arch.layers, arch.vocab
+    lin = arch.linear_params()
+    P, T = prompt, r.max_new_tokens
+    S = P + T
+    C = r.prompts_per_step * r.group_size
+    n_lora = arch.lora_params(lora.rank, lora.targets) if lora.rank else 0
+
+    def stack(tokens_in: int, context: float) -> float:
+        # The sampler gets merged weights, so generation does not pay for the adapters.
+        return 2 * lin * tokens_in + 4 * L * h * tokens_in * context
+
+    head = 2 * V * h * T
+    seq_stack = 2 * (lin + n_lora) * S + 2 * L * h * S * S
+    seq_forward = seq_stack + head
+    # Generation: prefill of the prompt, then T decode steps attending to P + t positions.
+    gen = C * (stack(P, P / 2) + stack(T, P + T / 2) + head)
+    # Forward/backward over every completion (an upper bound: POPO forwards only the positives).
+    forwarded = C * a.epochs
+    backward_factor = 1.0 if lora.rank else 2.0
+    train = forwarded * seq_forward * (1 + backward_factor)
+    if lora.rank:
+        train += forwarded * 2 * 2 * n_lora * S  # the adapters' weight gradients
+    flops = {"generation": gen, "train forward+backward": train}
+    flops["recompute"] = forwarded * seq_stack if cfg.model.gradient_checkpointing else 0.0
+    # pi_old is recomputed when a batch feeds more than one optimizer step.
+    flops["pi_old log-probs"] = C * seq_forward if a.epochs * a.mini_batches > 1 else 0.0
+    # Section 3: the momentum network's forward for the penalty (hidden states; logits for KL).
+    penalty = a.siamese and a.penalty_weight > 0
+    flops["momentum forward"] = forwarded * (seq_stack + (head if a.penalty == "kl" else 0)) if penalty else 0.0
+    flops["reference forward"] = C * seq_forward if (a.kl_beta > 0 and a.name != "popo") else 0.0
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def _add_notes(out: Plan, cfg: Config, arch: Arch, seq: int) -> None:
+    if arch.max_positions and seq > arch.max_positions:
+        out.notes.append(f"prompt + rollout.max_new_tokens = {seq} exceeds the model's context of {arch.max_positions}")
+    if out.vllm_kv_bytes is not None and out.vllm_kv_bytes <= 0:
+        out.notes.append("rollout.gpu_memory_utilization leaves vLLM no room for its KV cache after its weights")
+    elif out.vllm_kv_bytes is not None:
+        seqs = out.vllm_kv_bytes // (seq * out.kv_bytes_per_token)
+        out.notes.append(f"vLLM's KV cache holds about {seqs} full-length sequences at once "
+                         f"(the rollout batch is {cfg.rollout.prompts_per_step * cfg.rollout.group_size}; vLLM queues the rest)")
+
+
+def min_gpus(cfg: Config, gpu_memory_gib: float, *, max_gpus: int = 512, prompt_tokens: Optional[int] = None) -> Optional[int]:
+    """The smallest world size whose plan fits GPUs of this memory (None: none up to max_gpus)."""
+    for n in range(1, max_gpus + 1):
+        if plan(cfg, n, gpu_memory_gib=gpu_memory_gib, prompt_tokens=prompt_tokens).fits:
+            return n
+    return None
+
+
+@dataclass
+class Fit:
+    """One line's worth: does the config fit, and if not what would."""
+
+    fits: bool
+    needed_gib: float
+    gpus_full: Optional[int]
+    gpus_lora: Optional[int]
+    lora_rank: int
+
+    def message(self, preset: str, gpu_memory_gib: float) -> str:
+        what = f"{preset} needs {self.needed_gib:.0f} GiB per GPU and does not fit one {gpu_memory_gib:.0f} GiB GPU"
+        hints = []
+        if self.gpus_full:
+            hints.append(f"it fits {self.gpus_full} GPUs sharded (FSDP, not in popo yet)")
+        if self.gpus_lora == 1:
+            hints.append(f"or one GPU with model.lora.rank={self.lora_rank}")
+        elif self.gpus_lora:
+            hints.append(f"or {self.gpus_lora} GPUs with model.lora.rank={self.lora_rank}")
+        if not hints:
+            hints.append("lower trainer.micro_batch_size or rollout.max_new_tokens, or set model.gradient_checkpointing=true")
+        return f"{what}: {', '.join(hints)} (details: --dry-run)"
+
+
+def check_fit(cfg: Config, gpu_memory_gib: float, world_size: int = 1) -> Fit:
+    """The pre-flight check of `popo train`: the plan on `world_size` GPUs and what would fit."""
+    current = plan(cfg, world_size, gpu_memory_gib=gpu_memory_gib)
+    rank = cfg.model.lora.rank or LORA_HINT_RANK
+    full_cfg, lora_cfg = with_lora(cfg, 0), with_lora(cfg, rank)
+    return Fit(current.fits, current.peak / GIB, min_gpus(full_cfg, gpu_memory_gib), min_gpus(lora_cfg, gpu_memory_gib),
+               rank)
