@@ -176,6 +176,12 @@ class Plan:
         return sum(v for k, v in self.flops.items() if k not in ("recompute", "total"))
 
 
+def uses_reference(algo) -> bool:
+    """A frozen reference model: GRPO with kl_beta > 0, the registry's only such method (kept
+    torch-free here; tests/test_plan.py checks it against popo_core.algos)."""
+    return algo.kl_beta > 0 and algo.name == "grpo"
+
+
 def with_lora(cfg: Config, rank: int) -> Config:
     """A copy of cfg with model.lora.rank set (0: full fine-tuning)."""
     lora = dataclasses.replace(cfg.model.lora, rank=rank)
@@ -215,7 +221,7 @@ def plan(cfg: Config, world_size: int = 1, *, gpu_memory_gib: float = 80.0,
     # Section 2: the momentum copy of what is trained (the adapter only, with LoRA), in fp32.
     mem["momentum network (fp32)"] = (policy_trainable * 4 if a.siamese else 0) // N
     # GRPO's frozen reference; with LoRA it is the base with adapters disabled (no memory).
-    needs_reference = a.kl_beta > 0 and a.name != "popo"
+    needs_reference = uses_reference(a)
     mem["reference"] = (n_params * p if needs_reference and not lora.rank else 0) // N
 
     # Training phase, per GPU.
@@ -294,7 +300,7 @@ def step_flops(cfg: Config, arch: Arch, prompt: int) -> dict[str, float]:
     # Section 3: the momentum network's forward for the penalty (hidden states; logits for KL).
     penalty = a.siamese and a.penalty_weight > 0
     flops["momentum forward"] = forwarded * (seq_stack + (head if a.penalty == "kl" else 0)) if penalty else 0.0
-    flops["reference forward"] = C * seq_forward if (a.kl_beta > 0 and a.name != "popo") else 0.0
+    flops["reference forward"] = C * seq_forward if uses_reference(a) else 0.0
     flops["total"] = sum(flops.values())
     return flops
 

@@ -318,3 +318,15 @@ def test_bad_lora_setting_through_the_cli_is_one_line(workdir):
 def test_bad_plan_flags_are_one_line(workdir):
     assert_one_line_error(run_popo("train", "tiny", "--dry-run", "--gpus", "0", cwd=workdir), "--gpus")
     assert_one_line_error(run_popo("train", "tiny", "--dry-run", "--gpu-memory", "0", cwd=workdir), "--gpu-memory")
+
+
+def test_reference_rule_matches_the_registry():
+    from popo_core.algos import METHODS
+    from popo_core.config import AlgoConfig
+    from popo_core.plan import uses_reference
+
+    for name, method in METHODS.items():
+        if "+" in name:
+            continue
+        algo = AlgoConfig(name=name, kl_beta=0.04)
+        assert uses_reference(algo) == method.needs({"kl_beta": 0.04}).reference, name
