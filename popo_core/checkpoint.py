@@ -30,6 +30,7 @@ def save(
     state: dict[str, Any],
     momentum=None,
     predictor=None,
+    base_name: str | None = None,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -38,10 +39,9 @@ def save(
     final, tmp, old = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.tmp", output_dir / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_policy(model, tokenizer, tmp / "policy")
-    if momentum is not None:
-        # Tied weights share storage; safetensors wants each tensor once, so clone.
-        save_file({k: v.clone() for k, v in _float_state(momentum).items()}, tmp / "momentum.safetensors")
+    save_policy(model, tokenizer, tmp / "policy", base_name=base_name)
+    if momentum is not None:  # a popo_core.networks companion: a full copy or the momentum adapter
+        save_file(momentum.state_dict(), tmp / "momentum.safetensors")
     if predictor is not None:
         save_file(_float_state(predictor), tmp / "predictor.safetensors")
     rng = {"cpu": torch.get_rng_state()}
@@ -54,6 +54,32 @@ def save(
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _restore_policy(model, policy_dir: Path, device) -> None:
+    from safetensors.torch import load_file
+
+    from popo_core.networks import POLICY, is_peft
+
+    if is_peft(model):  # a LoRA run: the frozen base is rebuilt; the adapter is what trained
+        from peft import set_peft_model_state_dict
+
+        keys = set_peft_model_state_dict(model, load_file(str(policy_dir / "adapter_model.safetensors"), device=str(device)),
+                                         adapter_name=POLICY)
+        missing = [k for k in keys.missing_keys if f".{POLICY}." in k and "lora_" in k]
+        if keys.unexpected_keys or missing:
+            raise RuntimeError(f"checkpoint does not match the adapter: {(keys.unexpected_keys or missing)[:3]}")
+        return
+    policy: dict[str, torch.Tensor] = {}
+    for shard in sorted(policy_dir.glob("*.safetensors")):
+        policy.update(load_file(str(shard), device=str(device)))
+    # strict=False: tied output embeddings are saved once, under the input embedding's name; any
+    # other missing or unexpected key is an error, never a weight left at its initial value.
+    keys = model.load_state_dict(policy, strict=False)
+    missing = [k for k in keys.missing_keys if not _tied_to_loaded(model, k, policy)]
+    if keys.unexpected_keys or missing:
+        which = f"unexpected keys {keys.unexpected_keys[:3]}" if keys.unexpected_keys else f"missing keys {missing[:3]}"
+        raise RuntimeError(f"checkpoint does not match the model: {which}")
 
 
 def _tied_to_loaded(model, key: str, loaded: dict) -> bool:
@@ -81,16 +107,7 @@ def restore(output_dir: Path, *, model, optimizer, scheduler, momentum=None, pre
 
     path = output_dir / CHECKPOINT
     device = next(model.parameters()).device
-    policy: dict[str, torch.Tensor] = {}
-    for shard in sorted((path / "policy").glob("*.safetensors")):
-        policy.update(load_file(str(shard), device=str(device)))
-    # strict=False: tied output embeddings are saved once, under the input embedding's name; any
-    # other missing or unexpected key is an error, never a weight left at its initial value.
-    keys = model.load_state_dict(policy, strict=False)
-    missing = [k for k in keys.missing_keys if not _tied_to_loaded(model, k, policy)]
-    if keys.unexpected_keys or missing:
-        which = f"unexpected keys {keys.unexpected_keys[:3]}" if keys.unexpected_keys else f"missing keys {missing[:3]}"
-        raise RuntimeError(f"checkpoint does not match the model: {which}")
+    _restore_policy(model, path / "policy", device)
     if momentum is not None:
         momentum.load_state_dict(load_file(str(path / "momentum.safetensors"), device=str(device)))
     if predictor is not None:

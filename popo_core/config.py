@@ -148,6 +148,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_nonfinite: int = 5  # consecutive non-finite losses before the run aborts
     resume: bool = True  # continue from trainer.output_dir's checkpoint when there is one
+    save_merged: bool = False  # LoRA: also save the merged policy (merged/) beside the adapter
 
 
 @dataclass

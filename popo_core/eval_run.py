@@ -116,8 +116,8 @@ def resolve_model(spec: str, template: str | None = None):
                 cfg.dtype = saved.get("dtype", cfg.dtype)
                 cfg.bench_max_new_tokens = saved.get("bench_max_new_tokens", cfg.bench_max_new_tokens)
                 break
-        if not (Path(spec) / "config.json").is_file():
-            raise ModelLoadError(f"--model {spec}: directory has no config.json (not a saved model)")
+        if not any((Path(spec) / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ModelLoadError(f"--model {spec}: directory has no config.json or adapter_config.json (not a saved model)")
     elif looks_like_path(spec):
         raise ModelLoadError(f"--model {spec}: not a model preset ({', '.join(model_presets())}), a directory, or a Hub id")
     else:

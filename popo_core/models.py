@@ -90,14 +90,17 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
 
 
-def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, seed: int = 0):
-    """Return (model, tokenizer) for a ModelConfig: `tiny`, a local directory or a Hub id.
+def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, seed: int = 0,
+                             dtype: torch.dtype | None = None):
+    """Return (model, tokenizer) for a ModelConfig: `tiny`, a local directory or a Hub id, in
+    `dtype` (default: model.dtype's; the trainer asks for fp32 master weights).
 
     Weights load with safetensors where the checkpoint has them (transformers' default) and
-    remote code runs only with model.trust_remote_code=true.
+    remote code runs only with model.trust_remote_code=true. A directory saved by a LoRA run
+    (adapter_config.json) loads its base and merges the adapter.
     """
     device = device or resolve_device()
-    dtype = resolve_dtype(model_cfg.dtype, device)
+    dtype = dtype or resolve_dtype(model_cfg.dtype, device)
     name = model_cfg.name_or_path
     try:
         tokenizer = load_tokenizer(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -116,24 +119,76 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
             kwargs = {"dtype": dtype, "revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
             if model_cfg.attn_implementation:
                 kwargs["attn_implementation"] = model_cfg.attn_implementation
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            adapter_dir = Path(name) / "adapter_config.json"
+            if adapter_dir.is_file():
+                model = load_merged_adapter(Path(name), kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model_cfg, "gradient_checkpointing", False):
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: recomputation needs no input that requires grad (a LoRA base has none).
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device), tokenizer
 
 
-def save_policy(model, tokenizer, path: str | Path) -> None:
-    """save_pretrained for model and tokenizer, so `popo eval --model DIR` and transformers load it."""
-    path = Path(path)
-    gen = model.generation_config
+BASE_DIR = "base"  # a LoRA run of a locally built model keeps its frozen base beside the adapter
+
+
+def _clean_generation_config(model) -> None:
+    gen = getattr(model, "generation_config", None)
     # transformers 5 refuses to save sampling settings alongside do_sample=False (PITFALLS.md).
     if gen is not None and not gen.do_sample:
         gen.temperature, gen.top_p, gen.top_k = None, None, None
-    model.save_pretrained(path, safe_serialization=True)
+
+
+def save_policy(model, tokenizer, path: str | Path, *, base_name: str | None = None, merged: bool = False) -> None:
+    """save_pretrained for model and tokenizer, so `popo eval --model DIR` and transformers load it.
+
+    A LoRA policy is saved as its adapter in peft's format (adapter_model.safetensors); with
+    `merged` the merged weights are saved beside it in merged/. The adapter names its base by
+    `base_name` (a Hub id or directory); a base that cannot be fetched again (the random `tiny`)
+    is saved in base/."""
+    from popo_core.networks import POLICY, is_peft, merged_state_dict
+
+    path = Path(path)
+    if not is_peft(model):
+        _clean_generation_config(model)
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        return
+    base = model.get_base_model()
+    _clean_generation_config(base)
+    model.save_pretrained(path, selected_adapters=[POLICY], safe_serialization=True)
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if not base_name or base_name == "tiny":
+        with model.disable_adapter():
+            state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        base.save_pretrained(path / BASE_DIR, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(path / BASE_DIR)
+        base_name = BASE_DIR
+    config["base_model_name_or_path"] = base_name
+    config_file.write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(path)
+    if merged:
+        base.save_pretrained(path / "merged", state_dict=merged_state_dict(model), safe_serialization=True)
+        tokenizer.save_pretrained(path / "merged")
+
+
+def load_merged_adapter(path: Path, kwargs: dict):
+    """A LoRA run's policy for evaluation: its base, with the adapter merged in."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or BASE_DIR
+    base_path = path / base_name if (path / base_name).is_dir() else base_name
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()

@@ -51,15 +51,21 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
     )
 
 
+def _base(model):
+    """The causal LM itself (a peft model's, with its LoRA layers in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _backbone(model):
     """The decoder stack whose output feeds the LM head (after the final norm)."""
-    return getattr(model, model.base_model_prefix)
+    base = _base(model)
+    return getattr(base, base.base_model_prefix)
 
 
 def _sampler_logits(model, h: Tensor, seqs: Sequences, temperature: float, suppress_ids: Sequence[int]) -> Tensor:
     """[completion tokens, V] logits of the distribution the sampler drew from (METHOD.md, Setting):
     logits / temperature with suppressed tokens removed."""
-    logits = model.get_output_embeddings()(h[seqs.mask])
+    logits = _base(model).get_output_embeddings()(h[seqs.mask])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 logits lose digits
     if suppress_ids:
         logits[:, list(suppress_ids)] = float("-inf")

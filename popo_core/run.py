@@ -166,14 +166,15 @@ class TrainingRun:
         self.state["counters"] = asdict(learner.counters)
         checkpoint.save(self.output_dir, model=learner.model, tokenizer=self.tokenizer, optimizer=learner.optimizer,
                         scheduler=learner.scheduler, state=self.state, momentum=learner.momentum,
-                        predictor=learner.predictor)
+                        predictor=learner.predictor, base_name=self.cfg.model.name_or_path)
 
     def finish(self, metrics: dict[str, float]) -> TrainResult:
         from popo_core.models import save_policy
         from popo_core.plots import training_curves
 
         out = self.output_dir
-        save_policy(self.learner.model, self.tokenizer, out)
+        save_policy(self.learner.model, self.tokenizer, out, base_name=self.cfg.model.name_or_path,
+                    merged=self.cfg.trainer.save_merged)
         history = self.state["history"]
         evals = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
         result = TrainResult(str(out), self._mlflow.run_id, self.state["step"], evals[-1] if evals else None, metrics, history)

@@ -6,7 +6,6 @@ directory, resume, MLflow and the result files; this module builds the networks 
 
 from __future__ import annotations
 
-import copy
 import functools
 import random
 import time
@@ -16,7 +15,8 @@ import torch
 from popo_core.config import Config
 from popo_core.data import Problem, load_problems, prompt_ids, tiny_split
 from popo_core.evaluate import evaluate_problems
-from popo_core.models import load_model_and_tokenizer, resolve_device
+from popo_core.models import load_model_and_tokenizer, resolve_device, resolve_dtype
+from popo_core.networks import add_lora, momentum_network, reference_network
 from popo_core.objective import build_objective
 from popo_core.rewards import grade_counts, make_verifier
 from popo_core.rollout import Rollouts, make_engine
@@ -37,12 +37,13 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
     metrics: dict[str, float] = {}
     with run.open(learner, tokenizer):
         if run.state["step"] == 0 and eval_set:
-            run.log(0, {"eval/accuracy": evaluate(engine, tokenizer, eval_set, verifier, cfg)})
+            run.log(0, {"eval/accuracy": evaluate(engine, tokenizer, eval_set, verifier, cfg, learner)})
         for step in run.steps():
             start = time.perf_counter()
             problems = prompt_batch(train_set, step, r.prompts_per_step, cfg.trainer.seed)
-            rollouts = engine.generate(prompt_ids(tokenizer, cfg.model.template, problems), n=r.group_size,
-                                       temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+            with learner.autocast():
+                rollouts = engine.generate(prompt_ids(tokenizer, cfg.model.template, problems), n=r.group_size,
+                                           temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
             generated = time.perf_counter()
             grades = verifier(rollouts.texts, [problems[g].answer for g in rollouts.group_ids])
             rewards = torch.tensor([float(g.correct) for g in grades], device=learner.device)
@@ -51,7 +52,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
             engine.sync_weights(learner.model)
             metrics |= rollout_metrics(rollouts, rewards, grades, r.group_size, start, generated, graded)
             if eval_set and run.eval_due(step):
-                metrics["eval/accuracy"] = evaluate(engine, tokenizer, eval_set, verifier, cfg)
+                metrics["eval/accuracy"] = evaluate(engine, tokenizer, eval_set, verifier, cfg, learner)
             run.log(step, metrics)
             if run.save_due(step):
                 run.save()
@@ -73,18 +74,27 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------- set-up
 def build(cfg: Config):
-    """(learner, tokenizer, engine): the policy, its optimizer, the networks its method needs."""
-    t, a, o = cfg.trainer, cfg.algo, cfg.optim
+    """(learner, tokenizer, engine): the policy, its optimizer, the networks its method needs.
+
+    Trainable weights, optimizer states and the momentum network are fp32 (master weights) and
+    forward/backward run in `model.dtype` under autocast; with LoRA the frozen base stays in
+    `model.dtype` and only the fp32 adapter trains."""
+    t, a, o, m = cfg.trainer, cfg.algo, cfg.optim, cfg.model
     objective = build_objective(a, group_size=cfg.rollout.group_size)  # a bad combination fails before any loading
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, seed=t.seed)
+    compute_dtype = resolve_dtype(m.dtype, device)
+    lora = m.lora.rank > 0
+    model, tokenizer = load_model_and_tokenizer(m, device=device, seed=t.seed,
+                                                dtype=compute_dtype if lora else torch.float32)
+    if lora:
+        model = add_lora(model, m.lora)
     model.train()
     engine = make_engine(cfg.rollout.engine, model, tokenizer, seed=t.seed,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                         trust_remote_code=cfg.model.trust_remote_code)
+                         trust_remote_code=m.trust_remote_code)
     predictor = None
     if a.predictor and objective.penalty is not None and objective.penalty.reads == "hidden":
         predictor = Predictor(model.config.hidden_size).to(device)
@@ -95,18 +105,12 @@ def build(cfg: Config):
     learner = Learner(
         model=model, optimizer=optimizer, scheduler=scheduler, params=params, objective=objective,
         pad_id=engine.pad_id, suppress=list(engine.suppress), temperature=cfg.rollout.temperature,
-        total_updates=t.max_steps * a.epochs * a.mini_batches,
-        momentum=frozen_copy(model) if objective.siamese else None,
-        reference=frozen_copy(model) if objective.needs.reference else None,
+        total_updates=t.max_steps * a.epochs * a.mini_batches, compute_dtype=compute_dtype,
+        momentum=momentum_network(model, m.lora) if objective.siamese else None,
+        reference=reference_network(model, compute_dtype) if objective.needs.reference else None,
         predictor=predictor,
     )
     return learner, tokenizer, engine
-
-
-def frozen_copy(model):
-    twin = copy.deepcopy(model)
-    twin.requires_grad_(False)
-    return twin.eval()
 
 
 def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
@@ -136,11 +140,13 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- around the update
-def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config) -> float:
+def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config, learner) -> float:
     """Held-out greedy accuracy (the same pass as `popo eval`)."""
     r = cfg.rollout
-    report = evaluate_problems(engine, tokenizer, problems, verifier, template=cfg.model.template,
-                               max_new_tokens=r.eval_max_new_tokens or r.max_new_tokens, greedy=True, batch_prompts=256)
+    with learner.autocast():
+        report = evaluate_problems(engine, tokenizer, problems, verifier, template=cfg.model.template,
+                                   max_new_tokens=r.eval_max_new_tokens or r.max_new_tokens, greedy=True,
+                                   batch_prompts=256)
     return report.accuracy
 
 

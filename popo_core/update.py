@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from popo_core.algos import rollout_divergence, rollout_weights
+from popo_core.networks import autocast
 from popo_core.objective import Objective
 from popo_core.policy import collate, completion_forward, completion_logprobs_and_entropy
 from popo_core.rollout import Rollouts
-from popo_core.siamese import momentum_at, momentum_update_
+from popo_core.siamese import momentum_at
 
 
 class TrainingAborted(RuntimeError):
@@ -46,14 +47,18 @@ class Learner:
     suppress: list[int]
     temperature: float  # the sampler's: log-probs are of logits / temperature (METHOD.md, Setting)
     total_updates: int
-    momentum: Any = None  # the siamese momentum network xi (METHOD.md section 2)
-    reference: Any = None  # frozen initial policy (GRPO's KL term)
+    compute_dtype: torch.dtype = torch.float32  # forward/backward under autocast; masters stay fp32
+    momentum: Any = None  # the siamese momentum network xi (METHOD.md section 2): popo_core.networks
+    reference: Any = None  # frozen initial policy (GRPO's KL term): popo_core.networks
     predictor: Any = None  # BYOL predictor (METHOD.md section 3)
     counters: Counters = field(default_factory=Counters)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def autocast(self):
+        return autocast(self.device, self.compute_dtype)
 
 
 @dataclass
@@ -95,14 +100,15 @@ def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batc
     """Per-token log-probs (and entropies) of `rows` under `model`, no gradient, as [N, W] tensors
     over the whole batch (zero where not computed)."""
     width = max(int(batch.lengths.max()), 1)
-    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    dtype = torch.promote_types(next(learner.model.parameters()).dtype, torch.float32)
     lp = torch.zeros(len(batch), width, device=learner.device, dtype=dtype)
     ent = torch.zeros_like(lp) if entropy else None
     for start in range(0, len(rows), micro_batch_size):
         micro = rows[start : start + micro_batch_size]
         seqs = _collate(learner, batch, micro)
-        m_lp, m_ent = completion_logprobs_and_entropy(model, seqs, temperature=learner.temperature,
-                                                      suppress_ids=learner.suppress)
+        with learner.autocast():
+            m_lp, m_ent = completion_logprobs_and_entropy(model, seqs, temperature=learner.temperature,
+                                                          suppress_ids=learner.suppress)
         index = torch.tensor(micro, device=learner.device)
         lp[index] = _padded(m_lp.to(dtype), width)
         if ent is not None:
@@ -146,8 +152,9 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
         micro = rows[pos].tolist()
         seqs = _collate(learner, batch, micro)
         reads_hidden = penalty is not None and obj.penalty.reads == "hidden"
-        lp, h = completion_forward(learner.model, seqs, temperature=learner.temperature, suppress_ids=learner.suppress,
-                                   hidden=reads_hidden)
+        with learner.autocast():
+            lp, h = completion_forward(learner.model, seqs, temperature=learner.temperature,
+                                       suppress_ids=learner.suppress, hidden=reads_hidden)
         mask, width = seqs.mask, seqs.mask.shape[1]
         # pi_old (METHOD.md, Setting): recomputed before the step, or, with one optimizer step per
         # rollout batch, this very forward (rho = 1 exactly).
@@ -168,7 +175,8 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
         pen_rows = penalised[pos]
         if penalty is not None and bool(pen_rows.any()):
             # METHOD.md section 3: the penalty over the method's penalised completions, mean over the step's.
-            p_loss, p_metrics = _penalty(learner, batch, micro, seqs, lp, h, pen_rows, n_penalised, penalty)
+            with learner.autocast():
+                p_loss, p_metrics = _penalty(learner, batch, micro, seqs, lp, h, pen_rows, n_penalised, penalty)
             sums["penalty"] += float(p_loss.detach())
             penalty_key = next(iter(p_metrics))
             loss = loss + obj.penalty_weight * p_loss
@@ -198,8 +206,10 @@ def _penalty(learner: Learner, batch: Batch, micro: list[int], seqs, lp, h, pen_
             mom_seqs = seqs
         else:
             mom_seqs = _collate(learner, batch, [r for r, p in zip(micro, pen_rows.tolist()) if p])
-        mom_lp, mom_h = completion_forward(learner.momentum, mom_seqs, temperature=learner.temperature,
-                                           suppress_ids=learner.suppress, logprobs=not reads_hidden, hidden=reads_hidden)
+        with learner.momentum.active() as momentum:  # with LoRA: the momentum adapter, then the policy's again
+            mom_lp, mom_h = completion_forward(momentum, mom_seqs, temperature=learner.temperature,
+                                               suppress_ids=learner.suppress, logprobs=not reads_hidden,
+                                               hidden=reads_hidden)
     width = mom_seqs.mask.shape[1]
     mask = seqs.mask[pen_rows][:, :width]
     if reads_hidden:
@@ -233,7 +243,7 @@ def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> d
     if learner.momentum is not None:
         # METHOD.md section 2: xi <- m * xi + (1 - m) * theta after every optimizer step.
         m = momentum_at(c.updates, learner.total_updates, a.momentum, a.momentum_schedule)
-        momentum_update_(learner.momentum.parameters(), learner.model.parameters(), m)
+        learner.momentum.update_(learner.model, m)
     return metrics | {"grad/norm": grad_norm} if stepped else None
 
 
@@ -275,7 +285,8 @@ def update(learner: Learner, batch: Batch, cfg, step: int) -> dict[str, float]:
         if several and batch.sampler_logprobs is not None:
             metrics |= _divergence(before, batch, every_row if diagnose else forwarded)
     if learner.reference is not None:
-        ref, _ = recompute(learner, learner.reference, batch, forwarded, t.micro_batch_size)
+        with learner.reference.active() as reference:
+            ref, _ = recompute(learner, reference, batch, forwarded, t.micro_batch_size)
 
     taken: list[dict[str, float]] = []
     forward_tokens = 0
