@@ -119,7 +119,7 @@ class MomentumAdapter:
     """The momentum network as a second LoRA adapter on the policy's frozen base (METHOD.md
     section 2: with LoRA only the adapter parameters are averaged, A and B each)."""
 
-    def __init__(self, model, lora_cfg):
+    def __init__(self, model):
         from peft import LoraConfig
 
         config = copy.deepcopy(model.peft_config[POLICY])
@@ -178,8 +178,8 @@ class AdaptersDisabled:
         return 0
 
 
-def momentum_network(model, lora_cfg):
-    return MomentumAdapter(model, lora_cfg) if is_peft(model) else FullCopy(model)
+def momentum_network(model):
+    return MomentumAdapter(model) if is_peft(model) else FullCopy(model)
 
 
 def reference_network(model, compute_dtype: torch.dtype):

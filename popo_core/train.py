@@ -106,7 +106,7 @@ def build(cfg: Config):
         model=model, optimizer=optimizer, scheduler=scheduler, params=params, objective=objective,
         pad_id=engine.pad_id, suppress=list(engine.suppress), temperature=cfg.rollout.temperature,
         total_updates=t.max_steps * a.epochs * a.mini_batches, compute_dtype=compute_dtype,
-        momentum=momentum_network(model, m.lora) if objective.siamese else None,
+        momentum=momentum_network(model) if objective.siamese else None,
         reference=reference_network(model, compute_dtype) if objective.needs.reference else None,
         predictor=predictor,
     )
