@@ -95,13 +95,13 @@ def render(cfg, *, gpu_memory: Optional[float], world_size: int, prompt_tokens: 
     n_lora = min_gpus(lora_cfg, gib, prompt_tokens=prompt_tokens)
     say = lambda n: f"{n}" if n else "none up to 512"  # noqa: E731
     console.print(f"smallest number of {gib:.0f} GiB GPUs that fits: full fine-tuning {say(n_full)}, "
-                  f"{label(lora_cfg.model.lora.rank)} {say(n_lora)} (more than 1 needs FSDP, not in popo yet)",
+                  f"{label(lora_cfg.model.lora.rank)} {say(n_lora)} (more than 1: torchrun, FSDP2)",
                   markup=False)
     for note in this.notes:
         console.print(f"note: {note}", markup=False)
 
 
-def preflight(cfg, gpu_memory: Optional[float]) -> None:
+def preflight(cfg, gpu_memory: Optional[float], world_size: int = 1) -> None:
     """Before loading anything: stop with one line when the run cannot fit its GPU (not on CPU)."""
     from popo_core.plan import check_fit, has_arch
 
@@ -114,6 +114,6 @@ def preflight(cfg, gpu_memory: Optional[float]) -> None:
     gib = gpu_memory if gpu_memory is not None else detected
     if gib is None:  # trainer.device=cuda without a GPU: the trainer says so
         return
-    fit = check_fit(cfg, gib)
+    fit = check_fit(cfg, gib, world_size)
     if not fit.fits:
         fail(fit.message(cfg.preset, gib))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -64,20 +65,27 @@ def train(
         if dry_run:
             plan_view.render(cfg, gpu_memory=gpu_memory, world_size=gpus, prompt_tokens=prompt_tokens)
             return
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if not no_fit_check:
-            plan_view.preflight(cfg, gpu_memory)
+            plan_view.preflight(cfg, gpu_memory, world_size=world)
         from popo_core.train import Trainer, TrainingAborted
 
-        bar = make_progress_callbacks(f"{preset}/{cfg.algo.name}")
+        main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
+        bar = make_progress_callbacks(f"{preset}/{cfg.algo.name}") if main else None
         trainer = Trainer(cfg, bar)
-        console.print(f"[bold]popo train[/] {preset} ({cfg.algo.name}) -> {trainer.output_dir}"
-                      f"  [dim](rerun with trainer.output_dir={trainer.output_dir} to resume)[/]")
+        if main:
+            ranks = f" on {world} processes" if world > 1 else ""
+            console.print(f"[bold]popo train[/] {preset} ({cfg.algo.name}){ranks} -> {trainer.output_dir}"
+                          f"  [dim](rerun with trainer.output_dir={trainer.output_dir} to resume)[/]")
         try:
             result = trainer.run()
         except TrainingAborted as err:
             fail(str(err), code=1)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
+        if not main:
+            return
     if result.resumed_complete:
         console.print(f"already complete at step {result.step}: nothing to train")
     acc = "n/a" if result.final_accuracy is None else f"{result.final_accuracy:.3f}"

@@ -119,3 +119,67 @@ def restore(output_dir: Path, *, model, optimizer, scheduler, momentum=None, pre
     if "cuda" in blob["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in blob["rng"]["cuda"]])
     return load_state(output_dir)
+
+
+# ------------------------------------------------------------------------------------ sharded
+def save_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, state: dict[str, Any], momentum=None,
+                 predictor=None) -> Path:
+    """The same atomic checkpoint for an FSDP2 run: every rank writes its shards of the policy,
+    the optimizer and the momentum network with torch.distributed.checkpoint (DCP) into
+    `checkpoint.tmp/`, and rank 0 swaps it in once every rank is done. Resumes on the same
+    number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp, old = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.tmp", output_dir / f"{CHECKPOINT}.old"
+    if ranks.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ranks.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    content = {"model": model_state, "optim": optim_state}
+    if momentum is not None:
+        content["momentum"] = momentum.sharded_state_dict()
+    if predictor is not None:
+        content["predictor"] = predictor.state_dict()
+    dcp.save(content, checkpoint_id=str(tmp / "dcp"))
+    torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng-{ranks.rank}.pt")
+    ranks.barrier()
+    if ranks.main:
+        torch.save({"scheduler": scheduler.state_dict(), "world_size": ranks.world}, tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()
+    return final
+
+
+def restore_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, momentum=None,
+                    predictor=None) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = output_dir / CHECKPOINT
+    blob = torch.load(path / "scheduler.pt", weights_only=True)
+    if blob["world_size"] != ranks.world:
+        from popo_core.errors import ConfigError
+
+        raise ConfigError(f"trainer.output_dir={output_dir}: its checkpoint was written by {blob['world_size']} "
+                          f"process(es); resume it with --nproc-per-node {blob['world_size']}")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    content = {"model": model_state, "optim": optim_state}
+    if momentum is not None:
+        content["momentum"] = momentum.sharded_state_dict()
+    if predictor is not None:
+        content["predictor"] = predictor.state_dict()
+    dcp.load(content, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=content["model"], optim_state_dict=content["optim"])
+    if momentum is not None:
+        momentum.module.load_state_dict(content["momentum"])
+    if predictor is not None:
+        predictor.load_state_dict(content["predictor"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(torch.load(path / f"rng-{ranks.rank}.pt", weights_only=True)["cpu"])
+    return load_state(output_dir)

@@ -100,12 +100,18 @@ class FullCopy:
         yield self.module
 
     def update_(self, policy, m: float) -> None:
-        # Section 2: xi <- m * xi + (1 - m) * theta, parameter by parameter.
-        momentum_update_(self.module.parameters(), policy.parameters(), m)
+        from popo_core.distributed import local
+
+        # Section 2: xi <- m * xi + (1 - m) * theta, parameter by parameter (shard by shard under FSDP).
+        momentum_update_([local(p) for p in self.module.parameters()], [local(p) for p in policy.parameters()], m)
 
     def state_dict(self) -> dict[str, Tensor]:
         # Tied weights share storage; safetensors wants each tensor once, so clone.
         return {k: v.detach().clone().contiguous().cpu() for k, v in self.module.state_dict().items()}
+
+    def sharded_state_dict(self) -> dict[str, Tensor]:
+        """The state as DTensors, for torch.distributed.checkpoint."""
+        return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.module.load_state_dict(state)

@@ -335,10 +335,10 @@ class Fit:
     lora_rank: int
 
     def message(self, preset: str, gpu_memory_gib: float) -> str:
-        what = f"{preset} needs {self.needed_gib:.0f} GiB per GPU and does not fit one {gpu_memory_gib:.0f} GiB GPU"
+        what = f"{preset} needs {self.needed_gib:.0f} GiB per GPU and does not fit {gpu_memory_gib:.0f} GiB GPUs"
         hints = []
         if self.gpus_full:
-            hints.append(f"it fits {self.gpus_full} GPUs sharded (FSDP, not in popo yet)")
+            hints.append(f"it fits {self.gpus_full} GPUs sharded (torchrun --nproc-per-node {self.gpus_full} -m popo_cli train ...)")
         if self.gpus_lora == 1:
             hints.append(f"or one GPU with model.lora.rank={self.lora_rank}")
         elif self.gpus_lora:

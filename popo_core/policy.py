@@ -65,7 +65,12 @@ def _backbone(model):
 def _sampler_logits(model, h: Tensor, seqs: Sequences, temperature: float, suppress_ids: Sequence[int]) -> Tensor:
     """[completion tokens, V] logits of the distribution the sampler drew from (METHOD.md, Setting):
     logits / temperature with suppressed tokens removed."""
-    logits = _base(model).get_output_embeddings()(h[seqs.mask])
+    base = _base(model)
+    if getattr(base.config, "tie_word_embeddings", False):
+        # The input embedding as it is now: under FSDP2, gathered with the backbone's parameters.
+        logits = torch.nn.functional.linear(h[seqs.mask], _backbone(model).get_input_embeddings().weight)
+    else:
+        logits = base.get_output_embeddings()(h[seqs.mask])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 logits lose digits
     if suppress_ids:
         logits[:, list(suppress_ids)] = float("-inf")

@@ -54,11 +54,17 @@ class TrainingRun:
     another run); `open` starts logging, `log` records a step, `save` checkpoints, `finish` writes
     the result."""
 
-    def __init__(self, cfg: Config, callbacks: Callbacks | None = None):
+    def __init__(self, cfg: Config, callbacks: Callbacks | None = None, ranks=None):
+        from popo_core.distributed import from_env
+
         self.cfg = cfg
-        self.callbacks = callbacks or Callbacks()
-        self.output_dir = Path(cfg.trainer.output_dir) if cfg.trainer.output_dir else default_output_dir(cfg)
+        self.ranks = ranks or from_env(cfg.trainer.device)[0]  # under torchrun: joins the process group
+        self.main = self.ranks.main  # rank 0 alone logs, prints and writes the run's files
+        self.callbacks = (callbacks if self.main else None) or Callbacks()
+        # One name for every rank (the default one holds the time).
+        self.output_dir = Path(self.ranks.broadcast(cfg.trainer.output_dir or str(default_output_dir(cfg))))
         self.resuming = self._check_output_dir()
+        self.ranks.barrier()  # every rank has looked before rank 0 writes anything
         self.state: dict[str, Any] = {"step": 0, "run_id": None, "history": [], "counters": {}}
         self._mlflow = None
         self._mlflow_has = -1  # the last step MLflow already holds (-1: none)
@@ -98,12 +104,17 @@ class TrainingRun:
         cfg, out = self.cfg, self.output_dir
         self.learner, self.tokenizer = learner, tokenizer
         if self.resuming:
-            self.state.update(checkpoint.restore(out, model=learner.model, optimizer=learner.optimizer,
-                                                 scheduler=learner.scheduler, momentum=learner.momentum,
-                                                 predictor=learner.predictor))
+            kwargs = dict(model=learner.model, optimizer=learner.optimizer, scheduler=learner.scheduler,
+                          momentum=learner.momentum, predictor=learner.predictor)
+            restored = checkpoint.restore_sharded(out, ranks=self.ranks, **kwargs) if self.ranks.distributed \
+                else checkpoint.restore(out, **kwargs)
+            self.state.update(restored)
             for k, v in self.state.get("counters", {}).items():
                 setattr(learner.counters, k, v)
         self.state["config"] = to_flat_dict(cfg)
+        if not self.main:
+            self.ranks.barrier()  # rank 0 creates the directory and the MLflow run
+            return self
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
         t = cfg.tracking
@@ -119,6 +130,7 @@ class TrainingRun:
         self.state["run_id"] = self._mlflow.run_id
         self._log = open(self._truncated_metrics(), "a")
         self.callbacks.on_start(self.state["step"], cfg.trainer.max_steps, out)
+        self.ranks.barrier()
         return self
 
     def _truncated_metrics(self) -> Path:
@@ -148,12 +160,14 @@ class TrainingRun:
         return step == self.cfg.trainer.max_steps or bool(every and step % every == 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.state["step"] = step
+        self.state["history"].append({"step": step, **{k: metrics[k] for k in HISTORY_KEYS if k in metrics}})
+        if not self.main:
+            return
         if step > self._mlflow_has:
             self._mlflow.log_metrics(metrics, step)
         self._log.write(json.dumps({"step": step, **metrics}) + "\n")
         self._log.flush()
-        self.state["step"] = step
-        self.state["history"].append({"step": step, **{k: metrics[k] for k in HISTORY_KEYS if k in metrics}})
         self.callbacks.on_step(step, metrics)
         if "eval/accuracy" in metrics:
             self.callbacks.on_eval(step, metrics["eval/accuracy"])
@@ -164,6 +178,11 @@ class TrainingRun:
     def save(self) -> None:
         learner = self.learner
         self.state["counters"] = asdict(learner.counters)
+        if self.ranks.distributed:
+            checkpoint.save_sharded(self.output_dir, ranks=self.ranks, model=learner.model, optimizer=learner.optimizer,
+                                    scheduler=learner.scheduler, state=self.state, momentum=learner.momentum,
+                                    predictor=learner.predictor)
+            return
         checkpoint.save(self.output_dir, model=learner.model, tokenizer=self.tokenizer, optimizer=learner.optimizer,
                         scheduler=learner.scheduler, state=self.state, momentum=learner.momentum,
                         predictor=learner.predictor, base_name=self.cfg.model.name_or_path)
@@ -173,10 +192,14 @@ class TrainingRun:
         from popo_core.plots import training_curves
 
         out = self.output_dir
-        save_policy(self.learner.model, self.tokenizer, out, base_name=self.cfg.model.name_or_path,
-                    merged=self.cfg.trainer.save_merged)
+        policy = self.learner.export()  # under FSDP: a whole copy, gathered from the shards (every rank)
         history = self.state["history"]
         evals = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
+        if not self.main:
+            self.ranks.barrier()
+            return TrainResult(str(out), None, self.state["step"], evals[-1] if evals else None, metrics, history)
+        save_policy(policy, self.tokenizer, out, base_name=self.cfg.model.name_or_path,
+                    merged=self.cfg.trainer.save_merged)
         result = TrainResult(str(out), self._mlflow.run_id, self.state["step"], evals[-1] if evals else None, metrics, history)
         (out / "result.json").write_text(json.dumps(asdict(result), indent=1))
         png = training_curves(history, out / "curves.png", title=f"{self.cfg.preset} / {self.cfg.algo.name}")
@@ -185,4 +208,5 @@ class TrainingRun:
         if result.final_accuracy is not None:
             self._mlflow.log_metrics({"final/accuracy": result.final_accuracy}, self.state["step"])
         self._mlflow.finish("FINISHED")
+        self.ranks.barrier()
         return result

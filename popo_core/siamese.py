@@ -125,10 +125,11 @@ class Penalty:
 
     fn: Callable[..., tuple[Tensor, dict[str, float]]]
     reads: str  # "hidden" (last hidden states) | "logprobs" (token log-probs)
+    metric: str  # its metric's name
     knobs: tuple[str, ...] = ()  # algo.* settings it reads
 
 
 PENALTIES = {
-    "similarity": Penalty(similarity_penalty, "hidden", ("representation",)),  # section 3
-    "kl": Penalty(kl_penalty, "logprobs"),  # the `similarity` ablation
+    "similarity": Penalty(similarity_penalty, "hidden", "penalty/similarity", ("representation",)),  # section 3
+    "kl": Penalty(kl_penalty, "logprobs", "penalty/kl"),  # the `similarity` ablation
 }

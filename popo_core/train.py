@@ -6,13 +6,15 @@ directory, resume, MLflow and the result files; this module builds the networks 
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 import time
 
 import torch
 
-from popo_core.config import Config
+from popo_core import distributed
+from popo_core.config import Config, ConfigError
 from popo_core.data import Problem, load_problems, prompt_ids, tiny_split
 from popo_core.evaluate import evaluate_problems
 from popo_core.models import load_model_and_tokenizer, resolve_device, resolve_dtype
@@ -20,6 +22,8 @@ from popo_core.networks import add_lora, momentum_network, reference_network
 from popo_core.objective import build_objective
 from popo_core.rewards import grade_counts, make_verifier
 from popo_core.rollout import Rollouts, make_engine
+from popo_core.rollout.sampling import prompt_keys
+from popo_core.rollout.sharded import ShardedEngine
 from popo_core.run import Callbacks, TrainingRun, TrainResult  # noqa: F401  (re-exported)
 from popo_core.siamese import Predictor
 from popo_core.update import Batch, Learner, TrainingAborted, update  # noqa: F401  (re-exported)
@@ -35,15 +39,17 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
     train_set, eval_set = load_task(cfg)
     verifier = make_verifier(cfg.data.task)
     metrics: dict[str, float] = {}
-    with run.open(learner, tokenizer):
+    with run.open(learner, tokenizer):  # restores a resumed run's weights: the sampler gets them too
+        engine.sync_weights(learner.model)
         if run.state["step"] == 0 and eval_set:
             run.log(0, {"eval/accuracy": evaluate(engine, tokenizer, eval_set, verifier, cfg, learner)})
         for step in run.steps():
             start = time.perf_counter()
             problems = prompt_batch(train_set, step, r.prompts_per_step, cfg.trainer.seed)
-            with learner.autocast():
+            with learner.autocast():  # sampling: a function of (seed, step, prompt, sample), whatever the batch
                 rollouts = engine.generate(prompt_ids(tokenizer, cfg.model.template, problems), n=r.group_size,
-                                           temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+                                           temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                           seeds=prompt_keys(cfg.trainer.seed, step, 0, len(problems)))
             generated = time.perf_counter()
             grades = verifier(rollouts.texts, [problems[g].answer for g in rollouts.group_ids])
             rewards = torch.tensor([float(g.correct) for g in grades], device=learner.device)
@@ -84,20 +90,35 @@ def build(cfg: Config):
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    device = resolve_device(t.device)
+    ranks, device_name = distributed.from_env(t.device)  # torchrun: this rank's place and device
+    device = resolve_device(device_name)
     compute_dtype = resolve_dtype(m.dtype, device)
     lora = m.lora.rank > 0
+    if lora and ranks.distributed:
+        raise ConfigError("model.lora.rank > 0 with several processes: LoRA under FSDP is not supported yet "
+                          "(a LoRA run fits one GPU: see popo train PRESET --dry-run)")
     model, tokenizer = load_model_and_tokenizer(m, device=device, seed=t.seed,
                                                 dtype=compute_dtype if lora else torch.float32)
     if lora:
         model = add_lora(model, m.lora)
     model.train()
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, seed=t.seed,
+    # Several ranks: each samples its share with a whole copy, fed the full weights at each push.
+    whole = copy.deepcopy(model).eval() if ranks.distributed else None
+    engine = make_engine(cfg.rollout.engine, whole if ranks.distributed else model, tokenizer, seed=t.seed,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                          trust_remote_code=m.trust_remote_code)
+    if ranks.distributed:
+        engine = ShardedEngine(engine, ranks)
     predictor = None
     if a.predictor and objective.penalty is not None and objective.penalty.reads == "hidden":
         predictor = Predictor(model.config.hidden_size).to(device)
+    momentum = momentum_network(model) if objective.siamese else None
+    reference = reference_network(model, compute_dtype) if objective.needs.reference else None
+    if ranks.distributed:  # the companions are sharded like the policy and updated shard by shard
+        for companion in (momentum, reference):
+            if companion is not None:
+                distributed.shard(companion.module, compute_dtype)
+        distributed.shard(model, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad] + (list(predictor.parameters()) if predictor else [])
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     warm = max(o.warmup_steps, 0)
@@ -106,9 +127,7 @@ def build(cfg: Config):
         model=model, optimizer=optimizer, scheduler=scheduler, params=params, objective=objective,
         pad_id=engine.pad_id, suppress=list(engine.suppress), temperature=cfg.rollout.temperature,
         total_updates=t.max_steps * a.epochs * a.mini_batches, compute_dtype=compute_dtype,
-        momentum=momentum_network(model) if objective.siamese else None,
-        reference=reference_network(model, compute_dtype) if objective.needs.reference else None,
-        predictor=predictor,
+        momentum=momentum, reference=reference, predictor=predictor, ranks=ranks, whole=whole,
     )
     return learner, tokenizer, engine
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from popo_core.algos import rollout_divergence, rollout_weights
+from popo_core.distributed import SINGLE, Ranks, reshard
 from popo_core.networks import autocast
 from popo_core.objective import Objective
 from popo_core.policy import collate, completion_forward, completion_logprobs_and_entropy
@@ -52,6 +53,8 @@ class Learner:
     reference: Any = None  # frozen initial policy (GRPO's KL term): popo_core.networks
     predictor: Any = None  # BYOL predictor (METHOD.md section 3)
     counters: Counters = field(default_factory=Counters)
+    ranks: Ranks = SINGLE  # several processes: each forwards its share of every step (distributed.py)
+    whole: Any = None  # under FSDP: an unsharded copy of the policy (the sampler's, and what is saved)
 
     @property
     def device(self) -> torch.device:
@@ -59,6 +62,15 @@ class Learner:
 
     def autocast(self):
         return autocast(self.device, self.compute_dtype)
+
+    def export(self):
+        """The policy as one whole module (under FSDP: the sampler's copy, given the current weights)."""
+        if not self.ranks.distributed:
+            return self.model
+        from popo_core.distributed import full_state_dict
+
+        self.whole.load_state_dict(full_state_dict(self.model))
+        return self.whole
 
 
 @dataclass
@@ -98,21 +110,31 @@ def _padded(t: Tensor, width: int) -> Tensor:
 def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batch_size: int,
               entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs (and entropies) of `rows` under `model`, no gradient, as [N, W] tensors
-    over the whole batch (zero where not computed)."""
+    over the whole batch (zero where not computed). Each rank computes its share; the shares are
+    summed, so every rank holds the whole result."""
     width = max(int(batch.lengths.max()), 1)
     dtype = torch.promote_types(next(learner.model.parameters()).dtype, torch.float32)
     lp = torch.zeros(len(batch), width, device=learner.device, dtype=dtype)
     ent = torch.zeros_like(lp) if entropy else None
-    for start in range(0, len(rows), micro_batch_size):
-        micro = rows[start : start + micro_batch_size]
+    every = torch.tensor(rows, dtype=torch.long)
+    for chunk in learner.ranks.chunks(every, micro_batch_size):
+        placeholder = len(chunk) == 0  # this rank's share ran out: keep the collectives in step
+        micro = (every[:1] if placeholder else chunk).tolist()
         seqs = _collate(learner, batch, micro)
         with learner.autocast():
             m_lp, m_ent = completion_logprobs_and_entropy(model, seqs, temperature=learner.temperature,
                                                           suppress_ids=learner.suppress)
+        if placeholder:
+            continue
         index = torch.tensor(micro, device=learner.device)
         lp[index] = _padded(m_lp.to(dtype), width)
         if ent is not None:
             ent[index] = _padded(m_ent.to(dtype), width)
+    if learner.ranks.distributed:
+        reshard(model)
+        learner.ranks.sum_(lp)
+        if ent is not None:
+            learner.ranks.sum_(ent)
     return lp, ent
 
 
@@ -129,9 +151,9 @@ class StepInputs:
 def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_size: int, correction: str = "none",
              cap: float = 2.0) -> dict[str, float]:
     """Forward and backward of one optimizer step over its forwarded completions, in micro-batches;
-    the gradients add up to the whole step's. Returns the step's metrics and, under "tokens" and
-    "finite", how many completion tokens it sent through backward and whether the loss was finite."""
-    obj, rows = learner.objective, inputs.rows
+    the gradients add up to the whole step's (over every rank). Returns the step's sums over this
+    rank's micro-batches (see step_metrics)."""
+    obj, rows, ranks = learner.objective, inputs.rows, learner.ranks
     rewards, gids, lengths = batch.rewards[rows], batch.group_ids[rows], batch.lengths[rows]
     seq_log_ratio = None
     if obj.needs.seq_log_ratio and inputs.old is not None:
@@ -143,15 +165,16 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
     n_penalised = int(penalised.sum())
     positions = forwarded.nonzero().squeeze(-1)
     penalty = obj.penalty_fn()
+    reads_hidden = penalty is not None and obj.penalty.reads == "hidden"
     # Sums over micro-batches: the losses (each already over the step's denominators) and the
     # token-weighted loss metrics; the sampler divergence when this forward is pi_old's.
-    sums = {"loss/policy": 0.0, "tokens": 0.0, "penalty": 0.0, "mismatch": 0.0, "kl": 0.0, "sampled_tokens": 0.0}
-    finite, penalty_key = True, None
-    for start in range(0, len(positions), micro_batch_size):
-        pos = positions[start : start + micro_batch_size]
+    sums = {"loss/policy": 0.0, "tokens": 0.0, "penalty": 0.0, "mismatch": 0.0, "kl": 0.0, "sampled_tokens": 0.0,
+            "nonfinite": 0.0}
+    for pos in ranks.chunks(positions, micro_batch_size):
+        placeholder = len(pos) == 0  # this rank's share ran out: a zero-weight row keeps the collectives in step
+        pos = positions[:1] if placeholder else pos
         micro = rows[pos].tolist()
         seqs = _collate(learner, batch, micro)
-        reads_hidden = penalty is not None and obj.penalty.reads == "hidden"
         with learner.autocast():
             lp, h = completion_forward(learner.model, seqs, temperature=learner.temperature,
                                        suppress_ids=learner.suppress, hidden=reads_hidden)
@@ -160,30 +183,56 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
         # rollout batch, this very forward (rho = 1 exactly).
         old = inputs.old[micro, :width] if inputs.old is not None else lp.detach()
         mu = batch.sampler_logprobs[micro, :width] if batch.sampler_logprobs is not None else None
-        if inputs.old is None and mu is not None:
-            for k, v in rollout_divergence(old, mu, mask).items():
-                sums[k] += v
         token_weight = rollout_weights(old, mu, mask, mode=correction, cap=cap)
         extra = {"ref_logprobs": inputs.ref[micro, :width]} if obj.needs.reference else {}
         loss, m = obj.policy_loss(lp, old, mask, batch.rewards[micro], batch.group_ids[micro], step=step.take(pos),
                                   token_weight=token_weight, **extra)
-        n_tok = float(mask.sum())
-        sums["loss/policy"] += float(loss.detach())
-        sums["tokens"] += n_tok
-        for key, value in m.items():  # clip/fraction, ratio/mean, ...: token means, weighted
-            sums[key] = sums.get(key, 0.0) + value * n_tok
+        total, p_value = loss, 0.0
         pen_rows = penalised[pos]
-        if penalty is not None and bool(pen_rows.any()):
+        if penalty is not None and (bool(pen_rows.any()) or ranks.distributed):
             # METHOD.md section 3: the penalty over the method's penalised completions, mean over the step's.
-            with learner.autocast():
-                p_loss, p_metrics = _penalty(learner, batch, micro, seqs, lp, h, pen_rows, n_penalised, penalty)
-            sums["penalty"] += float(p_loss.detach())
-            penalty_key = next(iter(p_metrics))
-            loss = loss + obj.penalty_weight * p_loss
-        finite &= bool(torch.isfinite(loss.detach()))
-        if loss.requires_grad:
-            loss.backward()
-    return _step_metrics(sums, penalty_key) | {"finite": float(finite), "tokens": sums["tokens"]}
+            live = bool(pen_rows.any()) and not placeholder
+            with learner.autocast():  # without penalised rows here, still the momentum forward the other ranks run
+                p_loss, _ = _penalty(learner, batch, micro, seqs, lp, h, pen_rows if live else torch.ones_like(pen_rows),
+                                     max(n_penalised, 1), penalty)
+            total = total + (obj.penalty_weight if live else 0.0) * p_loss
+            p_value = float(p_loss.detach()) if live else 0.0
+        if not placeholder:
+            n_tok = float(mask.sum())
+            sums["loss/policy"] += float(loss.detach())
+            sums["penalty"] += p_value
+            sums["tokens"] += n_tok
+            for key, value in m.items():  # clip/fraction, ratio/mean, ...: token means, weighted
+                sums[key] = sums.get(key, 0.0) + value * n_tok
+            if inputs.old is None and mu is not None:
+                for k, v in rollout_divergence(old, mu, mask).items():
+                    sums[k] += v
+            sums["nonfinite"] += float(not bool(torch.isfinite(total.detach())))
+        if total.requires_grad:
+            # FSDP averages gradients over ranks: scaled by their number, they sum (x 1 on one process).
+            (total * (0.0 if placeholder else float(ranks.world))).backward()
+    return sums
+
+
+def step_metrics(sums: dict[str, float], penalty_key: str | None) -> dict[str, float]:
+    """The optimizer step's metrics from its sums (over every rank)."""
+    tokens = max(sums["tokens"], 1.0)
+    out = {"loss/policy": sums["loss/policy"]}
+    out |= {k: v / tokens for k, v in sums.items() if "/" in k and k != "loss/policy"}
+    if penalty_key is not None:
+        out[penalty_key] = sums["penalty"]  # each micro-batch's term is over the step's count: their sum is the mean
+    if sums["sampled_tokens"] > 0:
+        out["rollout/logprob_mismatch"] = sums["mismatch"] / sums["sampled_tokens"]
+        out["rollout/kl"] = sums["kl"] / sums["sampled_tokens"]
+    return out
+
+
+def _sum_over_ranks(ranks: Ranks, sums: dict[str, float]) -> dict[str, float]:
+    if not ranks.distributed:
+        return sums
+    keys = sorted(set().union(*ranks.gather(sorted(sums))))
+    values = ranks.sum_(torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, values.tolist()))
 
 
 def _seq_log_ratio(learner: Learner, batch: Batch, rows: Tensor, old: Tensor, micro_batch_size: int) -> Tensor:
@@ -210,6 +259,8 @@ def _penalty(learner: Learner, batch: Batch, micro: list[int], seqs, lp, h, pen_
             mom_lp, mom_h = completion_forward(momentum, mom_seqs, temperature=learner.temperature,
                                                suppress_ids=learner.suppress, logprobs=not reads_hidden,
                                                hidden=reads_hidden)
+            if learner.ranks.distributed:
+                reshard(momentum)
     width = mom_seqs.mask.shape[1]
     mask = seqs.mask[pen_rows][:, :width]
     if reads_hidden:
@@ -221,11 +272,13 @@ def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> d
     """backward -> clip -> AdamW step -> momentum update. Returns the step's metrics, or None when
     the step was skipped (nothing to learn from, or a non-finite loss or gradient)."""
     a, o, t, c = cfg.algo, cfg.optim, cfg.trainer, learner.counters
-    metrics = backward(learner, batch, inputs, micro_batch_size=t.micro_batch_size, correction=a.rollout_correction,
-                       cap=a.rollout_is_cap)
-    tokens, finite = metrics.pop("tokens"), bool(metrics.pop("finite"))
+    sums = backward(learner, batch, inputs, micro_batch_size=t.micro_batch_size, correction=a.rollout_correction,
+                    cap=a.rollout_is_cap)
+    sums = _sum_over_ranks(learner.ranks, sums)  # every rank decides alike
+    tokens, finite = sums["tokens"], sums["nonfinite"] == 0
+    metrics = step_metrics(sums, learner.objective.penalty.metric if learner.objective.penalty else None)
     learned = tokens > 0 and finite
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(learner.params, o.max_grad_norm)) if learned else float("nan")
+    grad_norm = _clip(learner.params, o.max_grad_norm) if learned else float("nan")
     stepped = learned and math.isfinite(grad_norm)
     if stepped:
         learner.optimizer.step()
@@ -247,16 +300,10 @@ def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> d
     return metrics | {"grad/norm": grad_norm} if stepped else None
 
 
-def _step_metrics(sums: dict[str, float], penalty_key: str | None) -> dict[str, float]:
-    tokens = max(sums["tokens"], 1.0)
-    out = {"loss/policy": sums["loss/policy"]}
-    out |= {k: v / tokens for k, v in sums.items() if "/" in k and k != "loss/policy"}
-    if penalty_key is not None:
-        out[penalty_key] = sums["penalty"]  # each micro-batch's term is over the step's count: their sum is the mean
-    if sums["sampled_tokens"] > 0:
-        out["rollout/logprob_mismatch"] = sums["mismatch"] / sums["sampled_tokens"]
-        out["rollout/kl"] = sums["kl"] / sums["sampled_tokens"]
-    return out
+def _clip(params: list, max_norm: float) -> float:
+    from popo_core.distributed import full
+
+    return float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
 
 # ------------------------------------------------------------------------------- the update

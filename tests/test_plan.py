@@ -283,7 +283,7 @@ def test_dry_run_every_preset(workdir, preset):
 
 def test_too_big_for_the_stated_gpu_stops_before_loading(workdir):
     proc = run_popo("train", "qwen-math-7b", *_math_data(workdir), "trainer.device=cuda", "--gpu-memory", "80", cwd=workdir)
-    assert_one_line_error(proc, "does not fit one 80 GiB GPU", "model.lora.rank=32")
+    assert_one_line_error(proc, "does not fit 80 GiB GPUs", "model.lora.rank=32")
     assert not (workdir / "runs").exists()
 
 

@@ -66,16 +66,12 @@ def learner_for(overrides, tmp_path):
     learner, tokenizer, _ = build(cfg)
     learner.model.double()
     torch.manual_seed(1)
-    if learner.momentum is not None:  # a momentum network a little away from the policy: a live penalty
-        learner.momentum.double()
-        with torch.no_grad():
-            for p in learner.momentum.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    if learner.reference is not None:
-        learner.reference.double()
-        with torch.no_grad():
-            for p in learner.reference.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+    for companion in (learner.momentum, learner.reference):  # a little away from the policy: live terms
+        if companion is not None:
+            companion.module.double()
+            with torch.no_grad():
+                for p in companion.module.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
     if learner.predictor is not None:
         learner.predictor.double()
     return cfg, learner, tokenizer
@@ -103,7 +99,7 @@ def direct_gradient(cfg, learner, batch, old, ref):
         pen = obj.forwarded(batch.rewards) & obj.penalised(batch.rewards)
         penalty = PENALTIES[cfg.algo.penalty]
         with torch.no_grad():
-            mom_lp, mom_h = completion_forward(learner.momentum, seqs, temperature=learner.temperature,
+            mom_lp, mom_h = completion_forward(learner.momentum.module, seqs, temperature=learner.temperature,
                                                suppress_ids=learner.suppress, hidden=True)
         if penalty.reads == "hidden":
             p_loss, _ = penalty.fn(h[pen], mom_h[pen], seqs.mask[pen], representation=cfg.algo.representation,
@@ -124,15 +120,14 @@ def test_one_step_through_the_trainer_is_the_methods_gradient(case, tmp_path):
     gen = torch.Generator().manual_seed(3)
     mask = torch.arange(current.shape[1])[None, :] < batch.lengths[:, None]
     old = torch.where(mask, current + 0.3 * torch.randn(current.shape, generator=gen, dtype=current.dtype), 0.0)
-    ref = recompute(learner, learner.reference, batch, every, 256)[0] if learner.reference is not None else None
+    ref = recompute(learner, learner.reference.module, batch, every, 256)[0] if learner.reference is not None else None
     expected_loss, expected = direct_gradient(cfg, learner, batch, old, ref)
     assert any(g.abs().sum() > 0 for g in expected)
     inputs = StepInputs(torch.arange(len(batch)), old, ref)
     for micro in (1, 3, 256):  # 3 splits every group of 4 across micro-batches
-        metrics = backward(learner, batch, inputs, micro_batch_size=micro)
+        sums = backward(learner, batch, inputs, micro_batch_size=micro)
         got = grads(learner)
-        penalty = sum(v for k, v in metrics.items() if k.startswith("penalty/"))
-        total = metrics["loss/policy"] + cfg.algo.penalty_weight * penalty * (learner.objective.penalty is not None)
+        total = sums["loss/policy"] + cfg.algo.penalty_weight * sums["penalty"]
         assert total == pytest.approx(expected_loss, rel=1e-9, abs=1e-12), micro
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-12)

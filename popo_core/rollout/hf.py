@@ -1,4 +1,8 @@
-"""Rollouts with Hugging Face transformers' `generate`: batched sampling with the KV cache."""
+"""Rollouts with Hugging Face transformers' `generate`: batched sampling with the KV cache.
+
+Sampling is Gumbel-max from per-row keys (popo_core/rollout/sampling.py): a completion is a function
+of (prompt seed, sample index, position), not of the batch it was generated in or of how many ranks
+shared the prompts. Greedy decoding is plain argmax."""
 
 from __future__ import annotations
 
@@ -7,34 +11,7 @@ from typing import Sequence
 import torch
 
 from popo_core.rollout import Rollouts, cut_at_eos, eos_ids, suppressed_ids
-
-
-class _RecordLogprobs:
-    """Logits processor that records the log-prob of each sampled token under softmax(logits / T).
-
-    At step t+1 it sees the token sampled at step t as the last input id, so it keeps only one
-    [B, V] matrix alive rather than all of them (output_scores would, which is gigabytes at 150k
-    vocabulary). It runs before transformers' temperature/top-p warpers, so it divides by T itself.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.pending: torch.Tensor | None = None
-        self.columns: list[torch.Tensor] = []
-
-    def _flush(self, last_tokens: torch.Tensor) -> None:
-        if self.pending is not None:
-            self.columns.append(self.pending.gather(-1, last_tokens[:, None]).squeeze(-1))
-            self.pending = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._flush(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        self._flush(sequences[:, -1])
-        return torch.stack(self.columns, dim=1) if self.columns else sequences.new_zeros((len(sequences), 0), dtype=torch.float)
+from popo_core.rollout.sampling import GumbelSampler, row_keys
 
 
 class HFEngine:
@@ -49,6 +26,10 @@ class HFEngine:
     def sync_weights(self, model) -> None:
         self.model = model  # generate() reads the live weights
 
+    def push_weights(self, named_tensors) -> None:
+        """Load whole tensors (under FSDP: gathered from the shards) into this engine's own copy."""
+        self.model.load_state_dict(dict(named_tensors))
+
     @torch.no_grad()
     def generate(
         self,
@@ -59,40 +40,48 @@ class HFEngine:
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         greedy: bool = False,
+        seeds: Sequence[int] | None = None,
     ) -> Rollouts:
+        """`n` completions per prompt. `seeds` (one per prompt) fix each prompt's draws; without
+        them the prompt seeds come from torch's global generator (so torch.manual_seed fixes a run)."""
         from transformers import LogitsProcessorList
 
         expanded = [list(p) for p in prompt_ids for _ in range(n)]
         groups = [i for i in range(len(prompt_ids)) for _ in range(n)]
+        if seeds is None:
+            seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),)).tolist()
         completions: list[list[int]] = []
         truncated: list[bool] = []
         logprobs: list[list[float]] = []
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
+        keys = row_keys(seeds, n, device=device)
         try:
             for start in range(0, len(expanded), self.batch_size):
                 chunk = expanded[start : start + self.batch_size]
                 width = max(len(p) for p in chunk)
                 input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=device)
                 attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                recorder = _RecordLogprobs(1.0 if greedy else temperature)
-                sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+                sampler = GumbelSampler(None if greedy else keys[start : start + len(chunk)], prompt_width=width,
+                                        temperature=temperature, top_p=top_p)
                 out = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention,
-                    do_sample=not greedy,
+                    do_sample=False,  # the sampler draws; decoding takes its choice
                     max_new_tokens=max_new_tokens,
                     min_new_tokens=0,
                     eos_token_id=sorted(self.eos),
                     pad_token_id=self.pad_id,
                     suppress_tokens=self.suppress or None,
-                    logits_processor=LogitsProcessorList([recorder]),
+                    logits_processor=LogitsProcessorList([sampler]),
                     use_cache=True,
-                    **sampling,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
                 )
                 new = out[:, width:]
-                lp = recorder.finish(out)
+                lp = sampler.logprobs(len(chunk))
                 for row, row_lp in zip(new.tolist(), lp.tolist()):
                     toks, cut = cut_at_eos(row, self.eos)
                     completions.append(toks)
