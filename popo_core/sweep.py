@@ -403,7 +403,7 @@ class _TrialHooks:
                     **{f"optuna.param.{k}": v for k, v in self.trial.params.items()}}
             if self.retry_of is not None:
                 tags["optuna.retry_of"] = self.retry_of
-            self.sweep.runs.tag_trial_run(run_id, tags, model=self.trainer.model)
+            self.sweep.runs.tag_trial_run(run_id, tags, model=self.trainer.training_run.learner.model)
         if self.inner:
             self.inner.on_start(start_step, total_steps, output_dir)
 
