@@ -15,7 +15,6 @@ import math
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from typing import Any
 from popo_core.config import Config, compose, validate
 from popo_core.errors import ConfigError
 from popo_core.search_space import Param, SweepError, load_space, set_key
+from popo_core.study_storage import DEFAULT_STORAGE, open_storage
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
 DIRECTIONS = ("maximize", "minimize")
@@ -35,6 +34,12 @@ __all__ = ["Param", "Reporter", "Sweep", "SweepError", "SweepResult", "SweepSett
 
 class SurplusTrial(Exception):
     """Raised in a trial created after other workers already hold the target: it runs nothing."""
+
+
+class TrialTakenOver(Exception):
+    """This worker's running trial was marked failed by another worker (its heartbeat lapsed, e.g.
+    on an overloaded machine) and queued for a retry: stop training so two processes never write
+    one trial directory."""
 
 
 class TooManyFailures(RuntimeError):
@@ -94,32 +99,6 @@ class Reporter:
 
     def training(self, number: int):  # a popo_core.train.Callbacks progress display, or None
         return None
-
-
-def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry: int):
-    """Optuna's RDB storage with heartbeats; a dead worker's trial is queued again with its params."""
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    from popo_core.tracking import redact, sqlite_init_lock
-
-    shown = redact({"url": url})["url"]
-    if "://" not in url:
-        raise SweepError(f"--storage {shown}: not a database URL (e.g. {DEFAULT_STORAGE} or postgresql://user:pass@host/db)")
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for another worker's write instead of failing
-    elif url.startswith(("postgresql", "mysql")):
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 15}}
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
-    try:
-        with sqlite_init_lock(url):  # two workers creating one SQLite file would race in its schema
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period, heartbeat_stale_trial_callback=retry)
-    except Exception as err:
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
-        raise SweepError(f"--storage {shown}: {type(err).__name__}: {first}") from None
 
 
 def _sampler(name: str, space: list[Param], seed: int | None):
@@ -244,8 +223,10 @@ class Sweep:
                                         callbacks=[self._after_trial], gc_after_trial=False)
                 except SurplusTrial:
                     continue
-                except ValueError as err:  # Optuna's "Cannot tell a FAIL trial": another worker failed ours
-                    if not str(err).startswith("Cannot tell a") or not self._taken_over():
+                except (ValueError, AssertionError) as err:
+                    # Another worker failed our trial: Optuna refuses its result ("Cannot tell a FAIL
+                    # trial"; Optuna 5 re-raises that as AssertionError "Should not reach.").
+                    if not str(err).startswith(("Cannot tell a", "Should not reach")) or not self._taken_over():
                         raise
                 if self._failures >= 3:
                     raise TooManyFailures(f"{self._failures} trials in a row failed (see `popo sweep` on study {self.name!r})")
@@ -324,8 +305,8 @@ class Sweep:
         self.ran += 1
         try:
             result = trainer.run()
-        except optuna.TrialPruned:
-            raise
+        except (optuna.TrialPruned, TrialTakenOver):
+            raise  # a taken-over trial is finished: nothing more may be written to it
         except KeyboardInterrupt:
             trial.set_user_attr("popo.interrupted", True)
             raise
@@ -410,6 +391,7 @@ class _TrialHooks:
         self.inner = sweep.reporter.training(trial.number)
         self.trainer = None
         self.total_steps = None
+        self._checked = time.monotonic()
 
     def on_start(self, start_step: int, total_steps: int, output_dir: Path) -> None:
         self.total_steps = total_steps
@@ -421,13 +403,14 @@ class _TrialHooks:
                     **{f"optuna.param.{k}": v for k, v in self.trial.params.items()}}
             if self.retry_of is not None:
                 tags["optuna.retry_of"] = self.retry_of
-            self.sweep.runs.tag_trial_run(run_id, tags, model=self.trainer.model)
+            self.sweep.runs.tag_trial_run(run_id, tags, model=self.trainer.training_run.learner.model)
         if self.inner:
             self.inner.on_start(start_step, total_steps, output_dir)
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         if self.inner:
             self.inner.on_step(step, metrics)
+        self._check_still_ours()
         value = metrics.get(self.sweep.s.metric)
         if value is None or not math.isfinite(float(value)) or step in self.reported:
             return
@@ -438,6 +421,16 @@ class _TrialHooks:
             import optuna
 
             raise optuna.TrialPruned(f"{self.sweep.s.metric}={value:.4g} at step {step}")
+
+    def _check_still_ours(self) -> None:
+        """Once a heartbeat interval: stop (before this step's checkpoint) if another worker took
+        the trial over, so its retry alone writes the trial's directory."""
+        now = time.monotonic()
+        if now - self._checked < self.sweep.s.heartbeat_interval:
+            return
+        self._checked = now
+        if self.sweep.storage.get_trial(self.trial._trial_id).state.name == "FAIL":
+            raise TrialTakenOver(f"trial {self.trial.number} was marked failed by another worker")
 
     def on_eval(self, step: int, accuracy: float) -> None:
         if self.inner:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
+from popo_core.store_lock import init_lock
+
 T = TypeVar("T")
 DEFAULT_URI = "sqlite:///mlflow.db"
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|apikey|credential)", re.I)
@@ -163,61 +165,16 @@ def find_runs(uri: str | None, experiment: str, filter_string: str = "", max_res
     return _retry(lambda: c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results))
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The file behind a sqlite:/// URL (None for other URLs and in-memory databases)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-class sqlite_init_lock:
-    """Serialise first-time creation of a SQLite store across processes.
-
-    Two processes creating the same MLflow (or Optuna) SQLite file at once race in its schema
-    migrations ("duplicate column name", alembic "expected to match one row"); an exclusive lock
-    on a lock file named after the database's absolute path (in the temp dir, where it clutters
-    nothing) around the first connection makes one create it and the other find it done.
-    A no-op for server URLs and where fcntl is missing.
-    """
-
-    def __init__(self, uri: str):
-        import hashlib
-
-        path = sqlite_path(uri)
-        self.lock_path = None
-        if path is not None:
-            key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-            self.lock_path = Path(tempfile.gettempdir()) / f"popo-sqlite-{key}.lock"
-        self._fh = None
-
-    def __enter__(self) -> "sqlite_init_lock":
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        if self.lock_path is not None:
-            self._fh = open(self.lock_path, "a")
-            fcntl.flock(self._fh, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fh is not None:
-            import fcntl
-
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-
-
 _initialised: set[str] = set()
 
 
 def ready_client(uri: str | None = None):
-    """`client(uri)` whose store exists: the first use in a process creates it under a file lock."""
+    """`client(uri)` whose store exists: the first use in a process creates it under a lock
+    (popo_core.store_lock), so workers starting together don't race in its migrations."""
     resolved = tracking_uri(uri)
     if resolved in _initialised:
         return client(uri)
-    with sqlite_init_lock(resolved):  # MlflowClient() itself creates and migrates the store
+    with init_lock(resolved):  # MlflowClient() itself creates and migrates the store
         c = client(uri)
         _retry(lambda: c.search_experiments(max_results=1))
     _initialised.add(resolved)

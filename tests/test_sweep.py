@@ -1,5 +1,6 @@
 """`popo sweep`: search spaces, bad input, and end-to-end studies (resume after SIGKILL, two workers)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -248,3 +249,78 @@ def test_two_workers_share_one_study(tmp_path):
     assert len(parents) == 1 and len(nested) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} == {parents[0].info.run_id}
     assert all(r.info.status == "FINISHED" for r in nested)
+
+
+@pytest.mark.parametrize("url,module,hint", [
+    ("postgresql+psycopg://popo:pw-x1@127.0.0.1:1/optuna", "psycopg", "popo[postgres]"),
+    ("mysql+pymysql://popo:pw-x1@127.0.0.1:1/optuna", "pymysql", "pip install pymysql"),
+])
+def test_a_missing_database_driver_is_named_with_its_install_command(monkeypatch, url, module, hint):
+    from popo_core.study_storage import open_storage
+    from popo_core.sweep import SweepError
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now fails as if not installed
+    with pytest.raises(SweepError) as err:
+        open_storage(url, 10, 60, 3)
+    message = str(err.value)
+    assert f"no database driver {module!r}" in message and hint in message
+    assert "pw-x1" not in message and "popo:***@" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["mid-run", "after-last-report"])
+def test_a_trial_taken_over_by_another_worker_stops_and_its_retry_finishes_it(workdir, when):
+    """Another worker marks this worker's running trial failed (its heartbeat lapsed on a loaded
+    machine) and queues the retry. Mid-run (step 2 of 8, no evaluation there) the training stops at
+    the sweep's next check, before writing anything more; after the last report the run completes
+    but Optuna refuses its result. Either way the sweep goes on: here this worker runs the retry."""
+    import optuna
+
+    from popo_core.sweep import Reporter, Sweep
+
+    job = Sweep(settings(workdir, trials=1, heartbeat_interval=1, grace_period=5))
+
+    def take_over():  # what fail_stale_trials does in the other worker
+        frozen = job.study.get_trials(deepcopy=False)[0]
+        job.storage.set_trial_state_values(frozen._trial_id, optuna.trial.TrialState.FAIL)
+        job.storage.get_heartbeat_stale_trial_callback()(job.study, job.storage.get_trial(frozen._trial_id))
+
+    class Steps:
+        def __init__(self, number):
+            self.number = number
+
+        def on_start(self, *a): ...
+
+        def on_step(self, step, metrics):
+            if self.number == 0 and when == "mid-run" and step == 2:
+                take_over()
+                time.sleep(1.1)  # one heartbeat interval: the sweep's check runs in this step
+
+        def on_eval(self, step, accuracy):  # after the step's report to Optuna
+            if self.number == 0 and when == "after-last-report" and step == 8:
+                take_over()
+
+    notes = []
+
+    class R(Reporter):
+        def training(self, number):
+            return Steps(number)
+
+        def note(self, message):
+            notes.append(message)
+
+    result = job.run(R())
+    assert [r.state for r in result.rows] == ["FAIL", "COMPLETE"]
+    assert any("marked failed by another worker" in n for n in notes)
+    dead, retry = job.study.get_trials()
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == dead.params
+    root = workdir / "sweeps" / "momentum-tiny"
+    steps = [json.loads(ln)["step"] for ln in (root / "trial-0" / "metrics.jsonl").read_text().splitlines()]
+    if when == "mid-run":
+        # Stopped in step 2, before the first checkpoint (step 4): the retry started afresh in its
+        # own directory and nothing wrote trial-0 after the takeover.
+        assert steps == [0, 1, 2] and not (root / "trial-0" / "checkpoint").exists()
+        assert [p.name for p in finished_runs(root)] == ["trial-1"]
+    else:  # the run was done: the retry found its finished checkpoint and trained nothing more
+        assert steps == list(range(9)) and [p.name for p in finished_runs(root)] == ["trial-0"]
+        assert retry.value == dead.intermediate_values[8]
