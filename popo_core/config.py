@@ -24,6 +24,7 @@ ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
 # Module names of a Qwen2 decoder layer that LoRA may adapt (the plan knows their shapes).
+LORA_MODULES_TO_SAVE = ("norm", "embed_tokens", "lm_head")  # trained whole beside a LoRA adapter
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -52,6 +53,7 @@ class LoraConfig:
     alpha: float = 32.0  # peft's lora_alpha (scale alpha / rank); 32 as in LoRA Without Regret
     dropout: float = 0.0  # peft's lora_dropout
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # peft's target_modules
+    modules_to_save: list[str] = field(default_factory=list)  # peft's modules_to_save: trained whole, beside the adapter
 
 
 @dataclass
@@ -320,6 +322,9 @@ def _validate_model(m: ModelConfig) -> None:
     for name in lora.targets:
         _check(name in LORA_TARGETS, "model.lora.targets", name, f"unknown module (choose from {', '.join(LORA_TARGETS)})")
     _check(len(set(lora.targets)) == len(lora.targets), "model.lora.targets", lora.targets, "lists a module twice")
+    for name in lora.modules_to_save:
+        _check(name in LORA_MODULES_TO_SAVE, "model.lora.modules_to_save", name,
+               f"unknown module (choose from {', '.join(LORA_MODULES_TO_SAVE)})")
 
 
 def _looks_local(value: str) -> bool:

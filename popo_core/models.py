@@ -171,7 +171,8 @@ def save_policy(model, tokenizer, path: str | Path, *, base_name: str | None = N
     config = json.loads(config_file.read_text())
     if not base_name or base_name == "tiny":
         with model.disable_adapter():
-            state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+            state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v for k, v in base.state_dict().items()
+                     if "lora_" not in k and ".modules_to_save." not in k}
         base.save_pretrained(path / BASE_DIR, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(path / BASE_DIR)
         base_name = BASE_DIR

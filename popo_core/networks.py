@@ -41,14 +41,17 @@ def add_lora(model, lora_cfg):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.targets), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(lora_cfg.targets), modules_to_save=list(lora_cfg.modules_to_save) or None,
+                        bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config, adapter_name=POLICY, autocast_adapter_dtype=True)
 
 
 def adapter_params(model, adapter: str) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of one adapter's LoRA A and B matrices, in a fixed order."""
+    """(name, parameter) of one adapter's LoRA A and B matrices (and its copies of the
+    modules_to_save), in a fixed order."""
     tag = f".{adapter}."
-    return [(n, p) for n, p in model.named_parameters() if ("lora_A" in n or "lora_B" in n) and tag in n]
+    return [(n, p) for n, p in model.named_parameters()
+            if ("lora_A" in n or "lora_B" in n or ".modules_to_save." in n) and tag in n]
 
 
 @contextlib.contextmanager
@@ -77,7 +80,13 @@ def merged_state_dict(model) -> dict[str, Tensor]:
             w = module.get_base_layer().weight
             merged[f"{name}.weight"] = (w + module.get_delta_weight(POLICY).to(w.dtype)).detach()
         for key, value in base.state_dict().items():
-            if "lora_" in key:
+            if "lora_" in key or ".original_module." in key:
+                continue
+            if ".modules_to_save." in key:  # trained whole: the policy's copy replaces the module
+                if f".modules_to_save.{POLICY}." not in key:
+                    continue
+                key = key.replace(f".modules_to_save.{POLICY}.", ".")
+                merged[key] = value
                 continue
             clean = key.replace(".base_layer.", ".")
             merged.setdefault(clean, value)

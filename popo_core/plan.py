@@ -67,9 +67,10 @@ class Arch:
         head = 0 if self.tied else self.vocab * self.hidden
         return embed + head + self.layers * self.layer_params() + self.hidden  # + final norm
 
-    def lora_params(self, rank: int, targets) -> int:
+    def lora_params(self, rank: int, targets, modules_to_save=()) -> int:
         shapes = self.module_shapes()
-        return self.layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+        whole = {"norm": self.hidden, "embed_tokens": self.vocab * self.hidden, "lm_head": self.vocab * self.hidden}
+        return self.layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets) + sum(whole[m] for m in modules_to_save)
 
 
 def arch_of(cfg: Config) -> Arch:
@@ -199,7 +200,7 @@ def plan(cfg: Config, world_size: int = 1, *, gpu_memory_gib: float = 80.0,
     a, r, t, lora = cfg.algo, cfg.rollout, cfg.trainer, cfg.model.lora
     p = compute_bytes(cfg)
     n_params = arch.params()
-    n_lora = arch.lora_params(lora.rank, lora.targets) if lora.rank else 0
+    n_lora = arch.lora_params(lora.rank, lora.targets, lora.modules_to_save) if lora.rank else 0
     predictor = (4 * arch.hidden**2 + 3 * arch.hidden) if a.siamese and a.predictor else 0  # Linear(h,2h), Linear(2h,h)
     policy_trainable = n_lora if lora.rank else n_params
     trainable = policy_trainable + predictor
@@ -276,7 +277,7 @@ def step_flops(cfg: Config, arch: Arch, prompt: int) -> dict[str, float]:
     P, T = prompt, r.max_new_tokens
     S = P + T
     C = r.prompts_per_step * r.group_size
-    n_lora = arch.lora_params(lora.rank, lora.targets) if lora.rank else 0
+    n_lora = arch.lora_params(lora.rank, lora.targets, lora.modules_to_save) if lora.rank else 0
 
     def stack(tokens_in: int, context: float) -> float:
         # The sampler gets merged weights, so generation does not pay for the adapters.
