@@ -175,16 +175,16 @@ def cases_for(bench: str, problems: Iterable[Problem], pathological: bool = True
     return out
 
 
-def audit_sample(problems: Iterable[Problem], integers: int | None = None) -> list[Problem]:
-    """Every problem whose gold answer is not a plain integer, and the first `integers` that are
-    (None: all). The integer cases of a benchmark differ only in their digits."""
-    out, n = [], 0
+def audit_sample(problems: Iterable[Problem], integers: int | None = None, others: int | None = None) -> list[Problem]:
+    """The first `integers` problems whose gold answer is a plain integer and the first `others`
+    whose answer is not (None: all). The integer cases of a benchmark differ only in their digits."""
+    out, counts = [], {True: 0, False: 0}
     for p in problems:
-        if _PLAIN_INT.fullmatch(p.answer.strip()):
-            n += 1
-            if integers is not None and n > integers:
-                continue
-        out.append(p)
+        integer = bool(_PLAIN_INT.fullmatch(p.answer.strip()))
+        counts[integer] += 1
+        cap = integers if integer else others
+        if cap is None or counts[integer] <= cap:
+            out.append(p)
     return out
 
 
@@ -254,7 +254,7 @@ def table(verdicts: list[Verdicts]) -> list[Row]:
     return list(rows.values())
 
 
-def by_kind(verdicts: list[Verdicts]) -> dict[tuple[str, str, bool], tuple[int, int, int]]:
+def by_kind(verdicts: list[Verdicts]) -> dict[tuple[str, bool], tuple[int, int, int]]:
     """(kind, label) -> (cases, popo right, math-verify alone right), over all benchmarks."""
     out: dict[tuple[str, bool], list[int]] = {}
     for v in verdicts:
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     for (kind, label), (n, p, a) in sorted(by_kind(verdicts).items(), key=lambda kv: (not kv[0][1], kv[0][0])):
         print(f"| {kind} | {'right' if label else 'wrong'} | {n} | {p} | {a} |")
     shown: dict[str, int] = {}
-    print("\ndisagreements (popo vs math-verify alone) and cases both graders get wrong:")
+    print("\ndisagreements (popo vs math-verify alone), and cases where popo differs from the label:")
     for v in verdicts:
         if v.popo != v.math_verify or v.popo != v.case.label:
             key = v.case.bench

@@ -68,9 +68,11 @@ def test_audit_on_a_sample():
 
 @pytest.mark.slow
 def test_audit_on_every_benchmark():
-    """Every non-integer gold answer of every benchmark and the first 50 integer ones (the integer
-    cases differ only in their digits); `python -m popo_core.grading_audit` runs all of them."""
+    """The first 40 non-integer and 10 integer gold answers of every benchmark, and the pathological
+    inputs on each (`python -m popo_core.grading_audit` runs all 2,866 answers, about 10 minutes).
+    A 2 s first timeout: ordinary cases that time out are regraded with 60 s, and popo settles each
+    pathological case quickly except `9^{9^{9^{9}}}`, which is wrong either way."""
     cases = []
     for bench in bm.BENCHMARKS.values():
-        cases += cases_for(bench.name, audit_sample(bm.load(bench), integers=50))
-    _check(grade_cases(cases, workers=2))
+        cases += cases_for(bench.name, audit_sample(bm.load(bench), integers=10, others=40))
+    _check(grade_cases(cases, workers=2, timeout=2))
