@@ -15,7 +15,7 @@ from conftest import REPO
 
 from popo_core import resources
 from popo_core.benchmarks import BENCHMARKS
-from popo_core.config import ConfigError, compose
+from popo_core.config import ConfigError, compose, config_dir, presets
 from popo_core.data import load_problems
 from popo_core.errors import DataError
 
@@ -64,12 +64,18 @@ def test_notice_states_the_licence_decision():
 
 
 # ------------------------------------------------------------------------------- packaged names
-@pytest.mark.parametrize("preset", ["qwen-math-7b", "qwen-math-1.5b"])
+@pytest.mark.parametrize("preset", [p for p in presets() if p.startswith("qwen-math")])
 def test_math_presets_find_their_data_from_any_working_directory(tmp_path, monkeypatch, preset):
     monkeypatch.chdir(tmp_path)
     cfg = compose(preset)  # validation checks that the data exists (what `popo train` does first)
     assert (cfg.data.path, cfg.data.eval_path) == ("math_l3to5", "math500")
     assert len(load_problems(cfg.data.path)) == 8521 and len(load_problems(cfg.data.eval_path)) == 500
+
+
+def test_no_config_points_outside_the_repository():
+    """Data comes from the package: no preset or group may name a path beside the checkout."""
+    offenders = [str(f.relative_to(config_dir())) for f in config_dir().rglob("*.yaml") if "../" in f.read_text()]
+    assert not offenders
 
 
 def test_a_packaged_name_wins_over_a_file_of_that_name(tmp_path, monkeypatch):
