@@ -56,7 +56,7 @@ def timed(verifier: MathVerifier, responses: list[str], golds: list[str]) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="math500 JSONL (default: ../shared/bench/math500.jsonl, else the Hub)")
+    parser.add_argument("--data", help="math500 JSONL (default: the copy packaged with popo, else the Hub)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=None, help="first N problems (2N answers)")

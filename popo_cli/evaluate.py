@@ -16,7 +16,7 @@ BENCH_HELP = "aime24, aime25, amc23, math500, gsm8k, minerva_math, olympiadbench
 def eval_cmd(
     bench: List[str] = typer.Option(..., "--bench", "-b", help=BENCH_HELP, show_default=False),
     data: Optional[str] = typer.Option(None, "--data", help="JSONL/JSON/Parquet file with id, problem, answer, replacing "
-                                       "the benchmark's problems (default: ../shared/bench/<bench>.jsonl, else the Hub)."),
+                                       "the benchmark's problems (default: the copy packaged with popo, else the Hub)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model preset (tiny, qwen-math-1.5b, qwen-math-7b), "
                                         "a checkpoint directory written by `popo train`, or a Hub id."),
     responses: Optional[Path] = typer.Option(None, "--responses", help='Grade existing generations instead: JSONL lines '

@@ -1,9 +1,10 @@
 """The benchmark suite: where each set comes from, how its answers are read, and response files.
 
-Each benchmark reads, in order: `--data FILE`; the local copy `../shared/bench/<name>.jsonl`
-(relative to the working directory; keys id, problem, answer; see that directory's PROVENANCE.md);
-else its Hugging Face dataset. The local copies follow Qwen2.5-Math's evaluation data, so their
-ids and rows can differ slightly from the Hub copies (olympiadbench: 675 local rows, 674 on the Hub).
+Each benchmark reads, in order: `--data FILE`; the copy packaged with popo
+(popo_core/resources/bench/<name>.jsonl; keys id, problem, answer; see its PROVENANCE.md);
+else its Hugging Face dataset (only when the packaged copy is absent from an installation). The
+packaged copies follow Qwen2.5-Math's evaluation data, so their ids and rows can differ slightly
+from the Hub copies (olympiadbench: 675 packaged rows, 674 on the Hub).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from popo_core import resources
 from popo_core.data import Problem, load_problems
 from popo_core.errors import DataError
-
-LOCAL_DIR = Path("..") / "shared" / "bench"
 
 
 @dataclass(frozen=True)
@@ -86,22 +86,24 @@ def resolve(names: Iterable[str]) -> list[Benchmark]:
     return out
 
 
-def local_path(bench: Benchmark, root: Path = LOCAL_DIR) -> Path | None:
-    path = root / f"{bench.name}.jsonl"
-    return path if path.exists() else None
+def packaged_path(bench: Benchmark) -> Path | None:
+    """The benchmark's packaged copy, None where an installation lacks it."""
+    return resources.packaged_path(bench.name)
 
 
 def source(bench: Benchmark, data: str | None = None) -> str:
-    """Where `load` reads from: the --data file, the local copy, or `hub:<id>`."""
+    """Where `load` reads from: the --data file, `packaged:<name>` or `hub:<id>[/<config>]`."""
     if data:
         return data
-    local = local_path(bench)
-    return str(local) if local else f"hub:{bench.hub_id}" + (f"/{bench.config}" if bench.config else "")
+    if packaged_path(bench):
+        return f"packaged:{bench.name}"
+    return f"hub:{bench.hub_id}" + (f"/{bench.config}" if bench.config else "")
 
 
 def load(bench: Benchmark, data: str | None = None) -> list[Problem]:
     """The benchmark's problems, gold answers as stored (they are normalised at grading)."""
-    path = data or (str(local_path(bench)) if local_path(bench) else None)
+    packaged = packaged_path(bench)
+    path = data or (str(packaged) if packaged else None)
     if path:
         if not Path(path).is_file():
             raise DataError(f"{path}: file not found")
@@ -132,13 +134,13 @@ def _hub_rows(bench: Benchmark) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{bench.name}: no local copy, and the `datasets` package to load {bench.hub_id} is missing") from None
+        raise DataError(f"{bench.name}: no packaged copy, and the `datasets` package to load {bench.hub_id} is missing") from None
     try:
         return list(datasets.load_dataset(bench.hub_id, bench.config, split=bench.split))
     except Exception as err:  # the Hub raises many types (offline, missing, gated)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{bench.name}: no local copy at {LOCAL_DIR / (bench.name + '.jsonl')} and cannot load "
-                        f"{bench.hub_id}: {first}") from None
+        raise DataError(f"{bench.name}: no packaged copy at {resources.BENCH_DIR / resources.PACKAGED[bench.name]} "
+                        f"and cannot load {bench.hub_id}: {first}") from None
 
 
 # ------------------------------------------------------------------------------ response files

@@ -78,11 +78,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = "tiny"  # tiny (synthetic sums, exact match) | math (boxed answers, math-verify)
-    path: Optional[str] = None  # JSONL/JSON/Parquet file or Hugging Face dataset id (task=math)
+    # task=math: a packaged data set (popo_core.resources.PACKAGED: math_l3to5, math500, aime24, ...),
+    # a JSONL/JSON/Parquet file, or a Hugging Face dataset id (org/name)
+    path: Optional[str] = None
     split: str = "train"
     problem_key: str = "problem"
     answer_key: str = "answer"
-    eval_path: Optional[str] = None  # held-out set for eval/accuracy during training (task=math)
+    eval_path: Optional[str] = None  # held-out set for eval/accuracy during training (task=math), same forms
     eval_split: str = "test"
     eval_size: Optional[int] = None  # cap on held-out problems (None: all)
     modulus: int = 10  # tiny task: (a + b) mod modulus with single digits a, b
@@ -291,10 +293,10 @@ def validate(cfg: Config) -> None:
         _check(d.modulus >= 2, "data.modulus", d.modulus, "must be >= 2")
         _check(d.operands >= 1, "data.operands", d.operands, "must be >= 1")
     else:
-        _check(bool(d.path), "data.path", d.path, "task=math needs a training file or Hugging Face dataset id")
+        _check(bool(d.path), "data.path", d.path,
+               "task=math needs a packaged data set (e.g. math_l3to5), a training file or a Hugging Face dataset id")
     for key, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-        if value and _looks_local(value) and not Path(value).exists():
-            raise ConfigError(f"{key}={value}: file not found")
+        _check_data_source(key, value)
     _validate_model(cfg.model)
     if cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
         if not Path(cfg.model.name_or_path).exists():
@@ -325,6 +327,19 @@ def _validate_model(m: ModelConfig) -> None:
     for name in lora.modules_to_save:
         _check(name in LORA_MODULES_TO_SAVE, "model.lora.modules_to_save", name,
                f"unknown module (choose from {', '.join(LORA_MODULES_TO_SAVE)})")
+
+
+def _check_data_source(key: str, value: Optional[str]) -> None:
+    """A packaged name must be installed; a local path must exist (a Hub id is checked at load)."""
+    from popo_core import resources
+
+    if not value:
+        return
+    if resources.is_packaged_name(value):
+        if resources.packaged_path(value) is None:
+            raise ConfigError(f"{key}={resources.missing_message(value)}")
+    elif _looks_local(value) and not Path(value).exists():
+        raise ConfigError(f"{key}={value}: file not found{resources.name_hint(value)}")
 
 
 def _looks_local(value: str) -> bool:

@@ -1,4 +1,4 @@
-"""Datasets and prompt templates: the synthetic tiny task, JSONL/JSON/Parquet files, Hub datasets."""
+"""Datasets and prompt templates: the synthetic tiny task, packaged sets, JSONL/JSON/Parquet files, Hub datasets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from popo_core import resources
 from popo_core.errors import DataError
 
 TEMPLATES = {
@@ -70,11 +71,19 @@ def load_problems(
     id_key: str = "id",
     limit: int | None = None,
 ) -> list[Problem]:
-    """Problems from a local .jsonl/.json/.parquet file or a Hugging Face dataset id."""
-    if Path(source).exists():
+    """Problems from a packaged data set (popo_core.resources.PACKAGED, e.g. `math_l3to5`), a local
+    .jsonl/.json/.parquet file or a Hugging Face dataset id, tried in that order. A packaged name wins
+    over a file of the same name in the working directory, so a preset means the same data wherever
+    it runs (write `./math500` for such a file)."""
+    if resources.is_packaged_name(source):
+        path = resources.packaged_path(source)
+        if path is None:
+            raise DataError(resources.missing_message(source))
+        rows = _read_local(str(path))
+    elif Path(source).exists():
         rows = _read_local(source)
     elif looks_like_path(source):
-        raise DataError(f"{source}: file not found")
+        raise DataError(f"{source}: file not found{resources.name_hint(source)}")
     else:
         rows = _read_hub(source, split)
     problems = []

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import weakref
+from decimal import Decimal
 from typing import Callable, Sequence
 
 from popo_core.rewards import Grade
@@ -28,6 +29,7 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 MEMORY_LIMIT_MB = 4096  # per worker: a memory bomb raises MemoryError there instead of exhausting the machine
 
 EXTRACTION = "last \\boxed{} (brace-balanced), else math-verify's extraction"
+EXTRACTIONS = ("last_boxed", "math_verify")  # popo's (EXTRACTION) | math-verify's own on the whole response
 _BOXED_OR_BRACE = re.compile(r"\\(?:boxed|fbox)\s*\{|\{|\}")
 
 
@@ -71,9 +73,21 @@ def strip_leading_zeros(s: str) -> str:
 
 def olympiad_list(s: str) -> str:
     """olympiadbench: drop unescaped `$` delimiters (`$69$,$84$` -> `69, 84`) and put a space after
-    each comma between digits, so a two-item list such as `2,125` is never read as one number."""
+    each comma between digits outside brackets, so a two-item list such as `2,125` is never read as
+    one number. Commas inside brackets stay as they are: math-verify reads `(2,125)` as a pair
+    already, and a space there changed what it parsed (`t(0, 4]` became the number 4, so every
+    `t(a,4]` graded equal to the gold `t(0,4]`; the grader audit in docs/eval.md found it)."""
     s = _UNESCAPED_DOLLAR.sub("", s).strip()
-    return re.sub(r"(?<=\d),(?=\d)", ", ", s)
+    out, depth = [], 0
+    for i, ch in enumerate(s):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0 and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit():
+            ch = ", "
+        out.append(ch)
+    return "".join(out)
 
 
 _E_NOTATION = re.compile(r"(?<![\w.])(\d+(?:\.\d*)?)[eE]([+-]?\d+)(?![\w.])")
@@ -105,11 +119,65 @@ def normalizer(name: str | None) -> Callable[[str], str]:
 _INTEGER = re.compile(r"[+-]?\d{1,64}")
 
 
+# a plain number, optionally times a power of ten (program_numbers writes `3.83e35` this way)
+_SCIENTIFIC = re.compile(r"([+-]?\d+(?:\.\d+)?)(?:\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*([+-]?\d{1,4})\s*\}|(\d)))?")
+
+
+def _scientific_verdict(gold: str, pred: str) -> bool | None:
+    """Two plain numbers, at least one written with a power of ten: equal to 6 significant digits.
+
+    math-verify rounds to 6 decimal places, so every constant below 5e-7 equals 0 and every other
+    such constant (`2.88\\times 10^{-19}` = `3.89\\times 10^{-20}`: minerva_math's electron
+    charges, Planck constants). Scientific notation says the scale matters; compare relatively.
+    """
+    g, p = _SCIENTIFIC.fullmatch(gold.strip()), _SCIENTIFIC.fullmatch(pred.strip())
+    if not (g and p) or not any(m.group(2) or m.group(3) for m in (g, p)):
+        return None
+    x, y = (Decimal(m.group(1)).scaleb(int(m.group(2) or m.group(3) or 0)) for m in (g, p))
+    return abs(x - y) <= Decimal("1e-6") * max(abs(x), abs(y))
+
+
 def _trivial_verdict(gold: str, pred: str) -> bool | None:
-    """Both plain integers: compare them here (math-verify would agree); otherwise None."""
+    """Both plain integers: compare them here (math-verify would agree); two plain numbers in
+    scientific notation: as grade_text compares them; otherwise None."""
     if _INTEGER.fullmatch(gold) and _INTEGER.fullmatch(pred):
         return int(gold) == int(pred)
-    return None
+    return _scientific_verdict(gold, pred)
+
+
+_BARE_PERCENT = re.compile(r"(?<!\\)%")
+_TRAILING_PERIOD = re.compile(r"(?<!\\)\.\s*$")
+
+
+def strip_outer_braces(s: str) -> str:
+    """`{{{204}}}` -> `204`: braces around the whole answer group nothing, and math-verify's parser
+    takes time exponential in their depth (30 levels ran for minutes). One pass, linear time."""
+    s = s.strip()
+    if not s.startswith("{"):
+        return s
+    match, stack = {}, []
+    for i, ch in enumerate(s):
+        if ch == "{" and (i == 0 or s[i - 1] != "\\"):
+            stack.append(i)
+        elif ch == "}" and (i == 0 or s[i - 1] != "\\") and stack:
+            match[stack.pop()] = i
+    i, j = 0, len(s) - 1
+    while i < j and s[i] == "{" and match.get(i) == j:
+        i, j = i + 1, j - 1
+        while i <= j and s[i].isspace():
+            i += 1
+        while j >= i and s[j].isspace():
+            j -= 1
+    return s[i : j + 1]
+
+
+def _boxed(answer: str) -> str:
+    """The answer inside `\\boxed{}` for math-verify, cleaned of what breaks its parser (each found by
+    the grader audit, docs/eval.md): a bare `%` (`62.5%`, as some gold answers are written) would
+    start a LaTeX comment and swallow the closing brace, so it is escaped; a sentence's final period
+    (`(-\\infty, 0) \\cup\\{1\\}.` parsed as the number 0) is dropped; so are braces around the whole answer."""
+    answer = strip_outer_braces(_TRAILING_PERIOD.sub("", answer.strip()))
+    return "\\boxed{" + _BARE_PERCENT.sub(r"\\%", answer) + "}"
 
 
 # ---------------------------------------------------------------------- grading one answer
@@ -135,16 +203,21 @@ def grade_text(gold: str, text: str, boxed: bool, normalize: str = "none") -> tu
 
     _quiet_math_verify()
     norm = NORMALIZERS[normalize]
-    gold_parsed = parse("\\boxed{" + norm(gold) + "}", parsing_timeout=None)
     if boxed:
-        extracted = text
-        pred = parse("\\boxed{" + norm(text) + "}", parsing_timeout=None)
+        extracted, found = text, None
     else:
         found = parse(text, parsing_timeout=None)
         if not found:
             return False, None, "unparsed"
         extracted = found[-1] if isinstance(found[-1], str) else str(found[0])
-        pred = parse("\\boxed{" + norm(extracted) + "}", parsing_timeout=None) if normalize != "none" else found
+    verdict = _scientific_verdict(norm(gold), norm(extracted))
+    if verdict is not None:
+        return verdict, extracted, "ok"
+    gold_parsed = parse(_boxed(norm(gold)), parsing_timeout=None)
+    if boxed or normalize != "none":
+        pred = parse(_boxed(norm(extracted)), parsing_timeout=None)
+    else:
+        pred = found
     if not pred:
         return False, extracted, "unparsed"
     return bool(verify(gold_parsed, pred, timeout_seconds=None)), extracted, "ok"
@@ -208,6 +281,8 @@ class MathVerifier:
     worker past `timeout` seconds on one answer is killed and replaced. workers = 0: grade one by one
     in this process (a SIGALRM deadline on the main thread; nothing can stop a C-level hang), for
     comparisons and debugging. `fast_path` settles two plain integers in this process.
+    `extraction="math_verify"` hands the whole response to math-verify (no `\\boxed{}` extraction of
+    popo's), which with `normalize="none"` and no fast path is math-verify alone (the grader audit).
     """
 
     def __init__(
@@ -219,6 +294,7 @@ class MathVerifier:
         fast_path: bool = True,
         memory_mb: int | None = MEMORY_LIMIT_MB,
         max_tasks_per_worker: int = 2000,
+        extraction: str = "last_boxed",
     ):
         if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
             raise ValueError(f"timeout must be a whole number of seconds >= 1, not {timeout!r}")
@@ -229,6 +305,9 @@ class MathVerifier:
         normalizer(normalize)  # fail early on an unknown name
         self.normalize = normalize
         self.fast_path = fast_path
+        if extraction not in EXTRACTIONS:
+            raise ValueError(f"unknown extraction {extraction!r} ({' | '.join(EXTRACTIONS)})")
+        self.extraction = extraction
         self.memory_mb = memory_mb
         self.max_tasks_per_worker = max_tasks_per_worker
         self._pool = None
@@ -260,7 +339,7 @@ class MathVerifier:
         grades: list[Grade | None] = [None] * len(responses)
         jobs: list[tuple[int, str, str, bool]] = []  # (index, gold, text, boxed)
         for i, (response, gold) in enumerate(zip(responses, golds)):
-            box = last_boxed(response)
+            box = last_boxed(response) if self.extraction == "last_boxed" else None
             if box is not None and self.fast_path:
                 verdict = _trivial_verdict(norm(gold), norm(box))
                 if verdict is not None:

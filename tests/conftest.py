@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from popo_core.resources import BENCH_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-BENCH = SHARED / "bench"
+BENCH = BENCH_DIR  # the benchmark and training files packaged with popo (every checkout has them)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

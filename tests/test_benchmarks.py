@@ -1,9 +1,8 @@
-"""The benchmark registry, the local copies and the Hub schemas, and response files."""
+"""The benchmark registry, the packaged copies and the Hub schemas, and response files."""
 
 import json
 
 import pytest
-from conftest import BENCH
 
 from popo_core import benchmarks as bm
 from popo_core.data import Problem
@@ -11,7 +10,6 @@ from popo_core.errors import DataError
 from popo_core.grading import NORMALIZERS
 
 ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "gsm8k": 1319, "minerva_math": 272, "olympiadbench": 675}
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
 
 
 def test_registry_names_and_resolve():
@@ -26,24 +24,31 @@ def test_registry_names_and_resolve():
         bm.resolve([])
 
 
-@needs_bench
-def test_local_copies_load():
+def test_packaged_copies_load_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing here: the data comes from the package
     for name, rows in ROWS.items():
         bench = bm.BENCHMARKS[name]
-        problems = bm.load(bench, str(BENCH / f"{name}.jsonl"))
+        assert bm.source(bench) == f"packaged:{name}"
+        problems = bm.load(bench)
         assert len(problems) == rows and all(p.answer for p in problems)
         assert len({p.id for p in problems}) == rows
 
 
-def test_default_local_path_is_relative_to_the_working_directory(tmp_path, monkeypatch):
-    (tmp_path / "shared" / "bench").mkdir(parents=True)
-    (tmp_path / "work").mkdir()
-    (tmp_path / "shared" / "bench" / "aime24.jsonl").write_text(json.dumps({"id": "1", "problem": "p", "answer": "007"}) + "\n")
-    monkeypatch.chdir(tmp_path / "work")
+def test_data_file_first_then_packaged_then_hub(tmp_path, monkeypatch):
+    """The resolution order: --data FILE, else the packaged copy, else the Hub dataset."""
+    from popo_core import resources
+
+    own = tmp_path / "mine.jsonl"
+    own.write_text(json.dumps({"id": "1", "problem": "p", "answer": "007"}) + "\n")
     bench = bm.BENCHMARKS["aime24"]
-    assert bm.source(bench).endswith("shared/bench/aime24.jsonl")
-    assert bm.load(bench) == [Problem("1", "p", "007")]
+    assert bm.source(bench, str(own)) == str(own) and bm.load(bench, str(own)) == [Problem("1", "p", "007")]
+    assert bm.source(bench) == "packaged:aime24" and len(bm.load(bench)) == 30
+    # an installation without package data falls back to the Hub (offline here: a one-line error)
+    monkeypatch.setattr(resources, "BENCH_DIR", tmp_path / "absent")
+    assert bm.source(bench) == "hub:HuggingFaceH4/aime_2024"
     assert bm.source(bm.BENCHMARKS["gsm8k"]) == "hub:openai/gsm8k/main"
+    with pytest.raises(DataError, match="aime24: no packaged copy at .*absent/aime24.jsonl and cannot load HuggingFaceH4/aime_2024"):
+        bm.load(bench)
 
 
 def test_hub_rows_follow_each_dataset_schema():

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import BENCH, assert_one_line_error, run_popo, tiny_overrides
+from conftest import assert_one_line_error, run_popo, tiny_overrides
 
 
 @pytest.mark.parametrize(
@@ -16,6 +16,7 @@ from conftest import BENCH, assert_one_line_error, run_popo, tiny_overrides
         (["nope"], ["unknown preset", "nope"]),
         (["tiny", "algo.nope=1"], ["algo.nope"]),
         (["tiny", "data=math", "data.path=missing.jsonl"], ["data.path", "not found"]),
+        (["tiny", "data=math", "data.path=math_l3to6"], ["data.path=math_l3to6", "nor a packaged data set", "math_l3to5"]),
         (["tiny", "model.name_or_path=./no/such/dir"], ["model.name_or_path"]),
         (["tiny", "trainer.max_steps=abc"], ["trainer.max_steps"]),
         (["tiny", "momentum"], ["momentum", "key=value"]),
@@ -55,11 +56,11 @@ def test_short_train_through_the_cli(tmp_path):
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
-@pytest.mark.skipif(not BENCH.exists(), reason="needs ../shared/bench (the benchmark files)")
 def test_tiny_model_trains_on_real_math_data(tmp_path):
-    """The math path end to end: a JSONL training file, math-verify rewards, a held-out set."""
+    """The math path end to end: packaged training and held-out sets named as a preset names
+    them, math-verify rewards, from a working directory with nothing in it."""
     proc = run_popo(
-        "train", "tiny", "data=math", f"data.path={BENCH / 'gsm8k.jsonl'}", f"data.eval_path={BENCH / 'aime25.jsonl'}",
+        "train", "tiny", "data=math", "data.path=gsm8k", "data.eval_path=aime25",
         "data.eval_size=4", "rollout.max_new_tokens=8", "rollout.prompts_per_step=3", "rollout.group_size=2",
         "trainer.max_steps=2", "trainer.eval_every=0", f"trainer.output_dir={tmp_path}/run", "tracking.enabled=false",
         cwd=tmp_path, timeout=300,

@@ -10,16 +10,9 @@ from conftest import BENCH, run_popo
 
 from popo_core.benchmarks import BENCHMARKS
 
-needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark files not found at {BENCH}")
-
-
 @pytest.fixture
 def evaldir(tmp_path) -> Path:
-    """tmp/work as the working directory, with ../shared/bench -> the real benchmark files, so the
-    default `../shared/bench/<name>.jsonl` resolves as it does for a user."""
-    (tmp_path / "shared").mkdir()
-    if BENCH.is_dir():
-        (tmp_path / "shared" / "bench").symlink_to(BENCH)
+    """An empty working directory: the benchmarks come from the package, as they do for a user."""
     (tmp_path / "work").mkdir()
     return tmp_path / "work"
 
@@ -52,7 +45,6 @@ def _one_error_line(result) -> str:
 
 # --------------------------------------------------------------------------------- acceptance
 @pytest.mark.slow
-@needs_bench
 def test_gold_answers_score_100_and_off_by_one_about_0(evaldir):
     gold, off, numeric = evaldir / "gold.jsonl", evaldir / "off.jsonl", {}
     with open(gold, "w") as g, open(off, "w") as o:
@@ -65,7 +57,10 @@ def test_gold_answers_score_100_and_off_by_one_about_0(evaldir):
                     o.write(json.dumps({"bench": name, "id": r["id"], "response": f"\\boxed{{{_off_by_one(r['answer'])}}}"}) + "\n")
 
     for responses, out in ((gold, "out-gold"), (off, "out-off")):
-        result = run_popo("eval", "--bench", "all", "--responses", str(responses), "--output", out, "--no-tracking", cwd=evaldir)
+        # --timeout 30: some minerva answers take 3-8 s to compare on a busy 2-core machine; the check
+        # is about verdicts, not speed
+        result = run_popo("eval", "--bench", "all", "--responses", str(responses), "--output", out, "--no-tracking",
+                          "--timeout", "30", cwd=evaldir)
         assert result.returncode == 0, result.stderr
     by_bench = {kind: {s["bench"]: s for s in json.loads((evaldir / f"out-{kind}" / "summary.json").read_text())}
                 for kind in ("gold", "off")}
@@ -75,11 +70,9 @@ def test_gold_answers_score_100_and_off_by_one_about_0(evaldir):
         # minerva_math included: each raw gold answer, program text too, is graded equal to itself
         assert g["accuracy"] == 1.0, (name, g)
         assert o["n"] == numeric[name] and o["timeouts"] == 0
-        if name == "minerva_math":
-            # math-verify rounds floats to 6 decimals: 2.88e-19 vs 3.89e-20 and the like compare equal
-            assert o["accuracy"] <= 0.02, o
-        else:
-            assert o["accuracy"] == 0.0, (name, o)
+        # minerva_math included: its small constants (2.88e-19 vs 3.89e-20) compare to 6 significant
+        # digits, not math-verify's 6 decimal places
+        assert o["accuracy"] == 0.0, (name, o)
     line = (evaldir / "out-gold" / "samples.jsonl").read_text().splitlines()[0]
     assert set(json.loads(line)) >= {"id", "sample", "response", "extracted", "gold", "correct"}
 
@@ -113,7 +106,6 @@ def _bad_input_files(d: Path) -> None:
     (d / "not_a_model").mkdir()
 
 
-@needs_bench
 def test_bad_input_gives_one_line_and_exit_2(evaldir, monkeypatch):
     from typer.testing import CliRunner
 
@@ -129,7 +121,6 @@ def test_bad_input_gives_one_line_and_exit_2(evaldir, monkeypatch):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
 
 
-@needs_bench
 def test_bad_input_through_the_installed_entry_point(evaldir):
     _bad_input_files(evaldir)
     for args in [("--bench", "aime26", "--responses", "ok.jsonl"), ("--bench", "aime24", "--responses", "broken.jsonl")]:
@@ -138,7 +129,6 @@ def test_bad_input_through_the_installed_entry_point(evaldir):
 
 
 # ----------------------------------------------------------------------- MLflow and nesting
-@needs_bench
 def test_responses_run_logs_to_mlflow_nested_under_a_training_run(evaldir, monkeypatch, mlflow_store):
     """In-process through typer's CliRunner (MLflow is imported once, here)."""
     import shutil
@@ -181,7 +171,6 @@ def test_responses_run_logs_to_mlflow_nested_under_a_training_run(evaldir, monke
 
 # ------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-@needs_bench
 def test_tiny_model_end_to_end_on_cpu(evaldir, mlflow_store):
     import shutil
 

@@ -13,6 +13,7 @@ from popo_core.grading import (
     olympiad_list,
     program_numbers,
     strip_leading_zeros,
+    strip_outer_braces,
     strip_thousands,
 )
 from popo_core.rewards import ExactMatch, make_verifier
@@ -61,11 +62,16 @@ def test_normalisers():
     assert strip_thousands("(2,4)") == "(2,4)"  # not a thousands separator
     assert [strip_leading_zeros(s) for s in ("025", "000", "7", "-007", "0.5")] == ["25", "0", "7", "-7", "0.5"]
     assert olympiad_list("$69$,$84$") == "69, 84"
+    assert olympiad_list("2,125") == "2, 125"  # two answers, not one number
+    assert olympiad_list("t(0,4]") == "t(0,4]"  # inside brackets commas stay (the audit's interval bug)
+    assert olympiad_list("(2,125),3,456") == "(2,125),3, 456"
     assert olympiad_list("\\$5") == "\\$5"  # an escaped dollar is kept
     assert program_numbers("3.83e35") == "3.83\\times 10^{35}"
     assert program_numbers("1.5e-7") == "1.5\\times 10^{-7}"
     assert program_numbers("-1./3") == "-1/3"
     assert program_numbers("e^{2}") == "e^{2}"
+    assert [strip_outer_braces(x) for x in ("{{ {7} }}", "{1}{2}", "{a}+{b}", "\\{1\\}", "{\\frac{1}{2}}")] == [
+        "7", "{1}{2}", "{a}+{b}", "\\{1\\}", "\\frac{1}{2}"]
 
 
 # -------------------------------------------------------------------------------- equivalences
@@ -86,6 +92,27 @@ def test_equivalent_forms_grade_equal(verifier):
         ("\\boxed{3.83 \\times 10^{35}}", "3.83e35", "program_numbers", True),
         ("\\boxed{3.83 \\times 10^{36}}", "3.83e35", "program_numbers", False),
         ("\\boxed{x = 3}", "3", "none", True),
+        # found by the grader audit (popo_core/grading_audit.py, docs/eval.md)
+        ("\\boxed{t(1,4]}", "t(0,4]", "olympiad", False),  # the normaliser made these equal
+        ("\\boxed{t[0,4)}", "t(0,4]", "olympiad", False),
+        ("\\boxed{t(0,4]}", "t(0,4]", "olympiad", True),
+        ("\\boxed{2125}", "2,125", "olympiad", False),  # a two-item list stays a list
+        ("\\boxed{2, 125}", "2,125", "olympiad", True),
+        ("\\boxed{84, 69}", "69,84", "olympiad", True),
+        ("\\boxed{62.5\\%}", "62.5%", "olympiad", True),  # a bare % no longer comments out the box
+        ("\\boxed{62.5%}", "62.5\\%", "none", True),
+        ("\\boxed{63.5\\%}", "62.5%", "olympiad", False),
+        ("\\boxed{3.89e-20}", "2.88e-19", "program_numbers", False),  # 6 decimal places made these equal
+        ("\\boxed{0}", "2.88e-19", "program_numbers", False),
+        ("\\boxed{2.88 \\times 10^{-19}}", "2.88e-19", "program_numbers", True),
+        ("\\boxed{2.880\\cdot 10^{-19}}", "2.88e-19", "program_numbers", True),
+        ("\\boxed{2.89 \\times 10^{-19}}", "2.88e-19", "program_numbers", False),
+        ("\\boxed{383000000000000000000000000000000000}", "3.83e35", "program_numbers", True),
+        ("\\boxed{0}", "(-\\infty, 0) \\cup\\{1\\}.", "olympiad", False),  # the final period made the gold 0
+        ("\\boxed{(-\\infty, 0] \\cup\\{1\\}}", "(-\\infty, 0) \\cup\\{1\\}.", "olympiad", False),
+        ("\\boxed{(-\\infty,0)\\cup\\{1\\}}", "(-\\infty, 0) \\cup\\{1\\}.", "olympiad", True),
+        ("\\boxed{(1,2).}", "(1,2)", "none", True),
+        ("\\boxed{" + "{" * 30 + "204" + "}" * 30 + "}", "204", "none", True),  # minutes in the parser before
     ]
     for response, gold, norm, expected in cases:
         (grade,) = verifier([response], [gold], normalize=norm)
@@ -94,11 +121,13 @@ def test_equivalent_forms_grade_equal(verifier):
 
 
 def test_math_verify_agrees_without_the_fast_path():
-    """The in-process integer shortcut must not change a verdict: math-verify alone gives the same."""
-    responses = ["\\boxed{25}", "\\boxed{025}", "\\boxed{26}", "\\boxed{2125}", "\\boxed{-3}"]
-    golds = ["025", "25", "025", "2,125", "-3"]
+    """The in-process shortcut (plain integers, scientific numbers) must not change a verdict: the
+    workers' grade_text gives the same."""
+    responses = ["\\boxed{25}", "\\boxed{025}", "\\boxed{26}", "\\boxed{2125}", "\\boxed{-3}",
+                 "\\boxed{3.89e-20}", "\\boxed{2.88e-19}", "\\boxed{2.88\\times 10^{-19}}"]
+    golds = ["025", "25", "025", "2,125", "-3", "2.88e-19", "2.88e-19", "2.88e-19"]
     with MathVerifier(workers=1, timeout=TIMEOUT, fast_path=False) as slow, MathVerifier(workers=0) as fast:
-        for norm in ("leading_zeros", "thousands", "none"):
+        for norm in ("leading_zeros", "thousands", "none", "program_numbers"):
             assert [g.correct for g in slow(responses, golds, normalize=norm)] == [g.correct for g in fast(responses, golds, normalize=norm)]
 
 
