@@ -21,12 +21,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn bad input or config into `error: ...` on one line and exit code 2, no traceback."""
-    from popo_core.errors import UserError
+    from popo_core.errors import UserError, first_line
 
     try:
         yield
     except UserError as err:
-        fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        fail(first_line(err))
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from popo_core import resources
 from popo_core.data import Problem, load_problems
-from popo_core.errors import DataError
+from popo_core.errors import DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def _hub_rows(bench: Benchmark) -> list[dict]:
     try:
         return list(datasets.load_dataset(bench.hub_id, bench.config, split=bench.split))
     except Exception as err:  # the Hub raises many types (offline, missing, gated)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DataError(f"{bench.name}: no packaged copy at {resources.BENCH_DIR / resources.PACKAGED[bench.name]} "
                         f"and cannot load {bench.hub_id}: {first}") from None
 

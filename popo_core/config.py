@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from popo_core.errors import ConfigError
+from popo_core.errors import ConfigError, first_line
 
 # Mirrors of the choices in popo_core.algos / popo_core.siamese (tested equal there), kept here so
 # composing a config does not import torch and `popo --help` stays fast.
@@ -224,18 +224,13 @@ def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -
     except (OmegaConfBaseException, HydraException) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
         key = getattr(cause, "full_key", None)
-        msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise ConfigError(f"{key}: {msg}" if key else _first_line(err)) from None
+        msg = first_line(cause)
+        raise ConfigError(f"{key}: {msg}" if key else first_line(err, lines=2)) from None
     cfg.preset = preset
     if cfg.algo.max_length is None:
         cfg.algo.max_length = cfg.rollout.max_new_tokens
     validate(cfg)
     return cfg
-
-
-def _first_line(err: Exception) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return " ".join(lines[:2]) if lines else type(err).__name__
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:

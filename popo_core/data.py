@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from popo_core import resources
-from popo_core.errors import DataError
+from popo_core.errors import DataError, first_line
 
 TEMPLATES = {
     "plain": "{problem}",
@@ -151,5 +151,5 @@ def _read_hub(dataset_id: str, split: str) -> list:
     try:
         return list(datasets.load_dataset(dataset_id, split=split))
     except Exception as err:  # the Hub raises many types (offline, missing, gated)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DataError(f"cannot load dataset {dataset_id!r} split {split!r}: {first}") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from popo_core.errors import ModelLoadError
+from popo_core.errors import ModelLoadError, first_line
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -125,7 +125,7 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
             else:
                 model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from popo_core.errors import first_line
+
 
 def _pyplot():
     import matplotlib
@@ -138,7 +140,7 @@ def sweep_plots(study, out_dir: str | Path, params: Sequence[str], target_name: 
                     fig.set_size_inches(3.8 * n + 1.5, 3.4 * n)
         except Exception as err:
             plt.close("all")
-            notes.append(f"{name} plot skipped: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            notes.append(f"{name} plot skipped: {first_line(err)}")
             continue
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from popo_core.config import Config, compose, validate
-from popo_core.errors import ConfigError
+from popo_core.errors import ConfigError, first_line
 from popo_core.search_space import Param, SweepError, load_space, set_key
 from popo_core.study_storage import DEFAULT_STORAGE, open_storage
 
@@ -163,7 +163,7 @@ class Sweep:
             study = optuna.create_study(study_name=self.name, storage=self.storage, direction=s.direction,
                                         pruner=pruner, load_if_exists=True)
         except Exception as err:
-            raise SweepError(f"study {self.name!r}: {str(err).splitlines()[0]}") from None
+            raise SweepError(f"study {self.name!r}: {first_line(err)}") from None
         if study.direction.name.lower() != s.direction:
             raise SweepError(f"study {self.name!r} was created to {study.direction.name.lower()}; "
                              "pass --study NAME to start another")
@@ -311,7 +311,7 @@ class Sweep:
             trial.set_user_attr("popo.interrupted", True)
             raise
         except Exception as err:
-            trial.set_user_attr("popo.error", f"{type(err).__name__}: {_first_line(err)}"[:500])
+            trial.set_user_attr("popo.error", f"{type(err).__name__}: {first_line(err)}"[:500])
             raise
         finally:
             hooks.close()
@@ -476,5 +476,3 @@ def trials_csv(table: list[TrialRow]) -> str:
     return buf.getvalue()
 
 
-def _first_line(err: BaseException) -> str:
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
