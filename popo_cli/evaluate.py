@@ -31,6 +31,7 @@ def eval_cmd(
     max_new_tokens: Optional[int] = typer.Option(
         None, "--max-new-tokens", help="Length limit. Default: the model preset's (3000; tiny: 32).", show_default=False),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs per vLLM engine (--engine vllm)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for summary.json and samples.jsonl."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Log as a child of this MLflow (training) run."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems of each benchmark."),
@@ -51,7 +52,7 @@ def eval_cmd(
 
         settings = EvalSettings(
             benches=list(bench), data=data, model=model, responses=str(responses) if responses else None,
-            template=template, engine=engine, samples=samples, temperature=temperature, top_p=top_p,
+            template=template, engine=engine, tensor_parallel_size=tensor_parallel_size, samples=samples, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, limit=limit, workers=workers, timeout=timeout, seed=seed, device=device,
             threads=threads, batch_prompts=batch_prompts, output=str(output) if output else None, run_id=run_id,
             tracking=tracking, tracking_uri=tracking_uri, experiment=experiment,

@@ -125,7 +125,14 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     eval_max_new_tokens: Optional[int] = None  # None: max_new_tokens
-    gpu_memory_utilization: float = 0.3  # vllm only
+    # engine=vllm only (README "vLLM"). On a GPU the engine shares it with the trainer: its share of
+    # the GPU's memory. On CPU the KV cache is sized by kv_cache_memory_bytes instead.
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: Optional[int] = None  # None: 256 MiB on CPU; on a GPU, what gpu_memory_utilization leaves
+    tensor_parallel_size: int = 1
+    sleep_level: int = 0  # 0: never sleep; 1: offload weights, drop KV cache during the update; 2: drop both (GPU)
+    enforce_eager: Optional[bool] = None  # None: eager on CPU (no compile warm-up), CUDA graphs on a GPU
+    max_model_len: Optional[int] = None  # None: the model's context length
 
 
 @dataclass
@@ -274,6 +281,15 @@ def validate(cfg: Config) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
     _check(r.temperature > 0.0, "rollout.temperature", r.temperature, "must be > 0")
     _check(0.0 < r.top_p <= 1.0, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _check(0.0 < r.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization", r.gpu_memory_utilization, "must be in (0, 1]")
+    _check(r.kv_cache_memory_bytes is None or r.kv_cache_memory_bytes > 0, "rollout.kv_cache_memory_bytes",
+           r.kv_cache_memory_bytes, "must be > 0 (null: 256 MiB on CPU)")
+    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "must be >= 1")
+    _check(r.sleep_level in (0, 1, 2), "rollout.sleep_level", r.sleep_level, "must be 0, 1 or 2")
+    if r.engine != "vllm":
+        _check(r.sleep_level == 0, "rollout.sleep_level", r.sleep_level, "needs rollout.engine=vllm")
+        _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "needs rollout.engine=vllm")
+    _check(r.max_model_len is None or r.max_model_len >= 2, "rollout.max_model_len", r.max_model_len, "must be >= 2")
     _check(o.lr > 0.0, "optim.lr", o.lr, "must be > 0")
     _check(o.max_grad_norm > 0.0, "optim.max_grad_norm", o.max_grad_norm, "must be > 0")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")

@@ -30,6 +30,7 @@ class EvalSettings:
     responses: str | None = None
     template: str | None = None  # None: the model preset's (or the checkpoint run's) template
     engine: str = "hf"
+    tensor_parallel_size: int = 1  # vllm only
     samples: int = 1
     temperature: float | None = None  # 0: greedy; None: greedy for one sample, 1.0 for several
     top_p: float = 1.0
@@ -80,6 +81,10 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError(f"--template {s.template}: unknown (choose from: {', '.join(TEMPLATES)})")
     if s.engine not in ("hf", "vllm"):
         raise ConfigError(f"--engine {s.engine}: must be hf or vllm")
+    if s.tensor_parallel_size < 1:
+        raise ConfigError(f"--tensor-parallel-size {s.tensor_parallel_size}: must be >= 1")
+    if s.tensor_parallel_size > 1 and s.engine != "vllm":
+        raise ConfigError(f"--tensor-parallel-size {s.tensor_parallel_size}: needs --engine vllm")
     if s.run_id and not s.tracking:
         raise ConfigError("--run-id nests the eval run in MLflow; it cannot go with --no-tracking")
     if s.threads is not None and s.threads < 1:
@@ -251,12 +256,12 @@ class _Model:
             device = resolve_device(s.device)
         except RuntimeError as err:
             raise ConfigError(f"--device {s.device}: {err}") from None
+        if s.engine == "vllm":
+            self.engine, self.tokenizer = _vllm_engine(s, cfg, device)
+            return
         model, self.tokenizer = load_model_and_tokenizer(cfg, device=device, seed=s.seed)
         model.eval()
-        try:
-            self.engine = make_engine(s.engine, model, self.tokenizer)
-        except ImportError as err:
-            raise ConfigError(f"--engine {s.engine}: not available here ({err})") from None
+        self.engine = make_engine(s.engine, model, self.tokenizer)
 
     def evaluate(self, bench: bm.Benchmark, problems: list[Problem], verifier, progress: ProgressFactory) -> EvalReport:
         """The trainer's held-out evaluation (evaluate_problems), with the benchmark's normaliser."""
@@ -272,6 +277,31 @@ class _Model:
             greedy=s.greedy, batch_prompts=s.batch_prompts, progress=gen_bar, normalize=bench.normalize,
             grade_progress=grade_bar,
         )
+
+
+def _vllm_engine(s: EvalSettings, cfg, device):
+    """A vLLM engine holding the model's weights, and the tokenizer.
+
+    vLLM keeps its own copy of the weights, so the transformers copy is built on the CPU (in the
+    dtype the device would use), pushed once and freed, never a second copy on the GPU.
+    """
+    import dataclasses
+
+    import torch
+
+    from popo_core.config import RolloutConfig
+    from popo_core.models import load_model_and_tokenizer, resolve_dtype
+    from popo_core.rollout import make_engine
+    from popo_core.rollout.vllm import named_tensors
+
+    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    model, tokenizer = load_model_and_tokenizer(dataclasses.replace(cfg, dtype=dtype), device=torch.device("cpu"), seed=s.seed)
+    # The engine is alone on the GPU here, so it may take vLLM's usual share of its memory.
+    rollout = RolloutConfig(engine="vllm", tensor_parallel_size=s.tensor_parallel_size, gpu_memory_utilization=0.9)
+    engine = make_engine("vllm", model, tokenizer, seed=s.seed, trust_remote_code=cfg.trust_remote_code, rollout=rollout,
+                         keys={"engine": "--engine", "tensor_parallel_size": "--tensor-parallel-size"})
+    engine.push_weights(named_tensors(model))
+    return engine, tokenizer
 
 
 # -------------------------------------------------------------------------------------- output
@@ -322,7 +352,8 @@ def log_to_mlflow(s: EvalSettings, result: EvalResult, experiment: str) -> str:
               "eval.limit": s.limit, "eval.extraction": p.extraction, "eval.grader": p.grader, "eval.seed": s.seed}
     if s.model:
         params |= {"eval.template": p.template, "eval.samples": s.samples, "eval.temperature": s.temperature,
-                   "eval.top_p": s.top_p, "eval.max_new_tokens": s.max_new_tokens, "eval.engine": s.engine}
+                   "eval.top_p": s.top_p, "eval.max_new_tokens": s.max_new_tokens, "eval.engine": s.engine,
+                   "eval.tensor_parallel_size": s.tensor_parallel_size}
     name = f"eval-{Path(s.model).name if s.model else Path(s.responses or '').stem}"
     with Run(uri=s.tracking_uri, experiment=experiment, run_name=name, parent_run_id=s.run_id,
              tags={"popo.kind": "eval"}) as run:

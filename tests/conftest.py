@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,31 @@ BENCH = BENCH_DIR  # the benchmark and training files packaged with popo (every 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# make test-vllm sets this: there every vllm test must run, and any skip is a failure.
+REQUIRE_VLLM = os.environ.get("POPO_REQUIRE_VLLM") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_VLLM:
+        return
+    if REQUIRE_VLLM:
+        raise pytest.UsageError("POPO_REQUIRE_VLLM=1 but vllm is not importable: run `make test-vllm`")
+    skip = pytest.mark.skip(reason="vllm is not installed here: `make test-vllm` runs these in .venv-vllm")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_VLLM and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped under make test-vllm, where no test may skip: {report.longrepr}"
 
 
 @pytest.fixture

