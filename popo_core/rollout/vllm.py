@@ -105,8 +105,11 @@ def check_support(*, tensor_parallel_size: int = 1, sleep_level: int = 0, keys: 
 
 def _quiet_vllm_logs() -> None:
     # vLLM logs dozens of INFO/WARNING lines per engine start (and one per weight reload); a user
-    # who wants them sets VLLM_LOGGING_LEVEL=INFO.
+    # who wants them sets VLLM_LOGGING_LEVEL=INFO. Without triton (CPU) torch also warns once.
+    import logging
+
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 
 @contextmanager
