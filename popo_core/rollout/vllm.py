@@ -315,10 +315,11 @@ class VLLMEngine:
                 # -inf, as the trainer does (policy.completion_forward): the same distribution exactly.
                 logit_bias={i: float("-inf") for i in self.suppress} or None,
                 detokenize=False,
-                seed=seed,  # vLLM gives the k-th of n completions seed + k
+                seed=seed,  # vLLM draws the k-th of n completions with seed + k
             )
 
-        sampling = params(None) if seeds is None else [params(int(s)) for s in seeds]
+        # Prompt seed s -> vLLM seeds s*n .. s*n + n-1: distinct prompt seeds never share a stream.
+        sampling = params(None) if seeds is None else [params(int(s) * n) for s in seeds]
         with engine_threads(self.on_cpu):
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sampling, use_tqdm=False)
         self._sleep()
