@@ -65,7 +65,7 @@ def test_weight_spec_refuses_partial_duplicate_or_misshapen_pushes():
     spec.check(named)
     with pytest.raises(WeightPushError, match="missing 1 tensor"):
         spec.check(named[1:])
-    with pytest.raises(WeightPushError, match="unknown tensor"):
+    with pytest.raises(WeightPushError, match="unknown 1 tensor"):
         spec.check(named + [("model.extra.weight", torch.zeros(2))])
     with pytest.raises(WeightPushError, match="given twice"):
         spec.check(named + named[:1])
@@ -209,6 +209,10 @@ def test_a_failing_push_raises_and_generation_refuses_until_a_good_one(monkeypat
     # sync_weights leaves a way to reload, so the next generation pushes again rather than refuse.
     out = engine.generate(prompts, n=2, temperature=TEMPERATURE, max_new_tokens=8)
     assert max_gap(model, out, engine.suppress) <= 1e-4
+    with monkeypatch.context() as m:
+        m.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: False)  # vLLM declined the reset
+        with pytest.raises(WeightPushError, match="prefix cache"):
+            engine.push_weights(named_tensors(model))
     engine.push_weights(named_tensors(model))
     with monkeypatch.context() as m:
         m.setattr(engine.llm, "collective_rpc", broken)

@@ -59,12 +59,15 @@ class WeightSpec:
         missing = sorted(set(self.shapes) - set(got))
         unknown = sorted(set(got) - set(self.shapes))
         if missing or unknown:
-            parts = ([f"missing {len(missing)} tensor(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"] if missing else []) + (
-                [f"unknown tensor(s) {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"] if unknown else [])
+            parts = [f"{what} {len(names)} tensor(s) ({_few(names)})" for what, names in (("missing", missing), ("unknown", unknown)) if names]
             raise WeightPushError(f"weight push: {'; '.join(parts)}; a push must cover the whole policy")
         for name, shape in got.items():
             if shape != self.shapes[name]:
                 raise WeightPushError(f"weight push: {name} has shape {list(shape)}, the engine's is {list(self.shapes[name])}")
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def named_tensors(model) -> list[tuple[str, object]]:
@@ -255,7 +258,8 @@ class VLLMEngine:
             self._wake_up("weights")
             with engine_threads(self.on_cpu):
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
-            self.llm.reset_prefix_cache()
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM did not reset its prefix cache (requests still running?)")
         except Exception as err:  # noqa: BLE001 - any failure leaves the engine without a known policy
             raise WeightPushError(f"weight push failed ({type(err).__name__}: {err}); the engine holds no usable policy") from err
         self._weights_ok = True
