@@ -348,24 +348,28 @@ SHORT = ["trainer.max_steps=8", "trainer.eval_every=4", "rollout.prompts_per_ste
 
 
 @needs_vllm
+@pytest.mark.slow
 def test_eval_with_vllm_matches_hf_greedy(tmp_path):
-    """The same protocol and grading as HF: greedy responses of the tiny model agree token for token."""
+    """The same protocol and grading as HF: greedy responses of the tiny model agree token for
+    token, with one engine process and with tensor parallel over 2 CPU workers."""
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "problem": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)}) + "\n"
                             for i in range(8)))
     outs = {}
-    for engine, extra in (("hf", []), ("vllm", ["--tensor-parallel-size", "1"])):
+    for name, engine, extra in (("hf", "hf", []), ("vllm", "vllm", ["--tensor-parallel-size", "1"]),
+                                ("vllm-tp2", "vllm", ["--tensor-parallel-size", "2"])):
         proc = run_popo("eval", "--bench", "gsm8k", "--data", str(data), "--model", "tiny", "--engine", engine, *extra,
                         "--max-new-tokens", "24", "--threads", "1", "--workers", "0", "--no-tracking",
-                        "--output", str(tmp_path / engine), cwd=tmp_path, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        outs[engine] = proc
+                        "--output", str(tmp_path / name), cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = proc
     samples = {e: [json.loads(line) for line in (tmp_path / e / "samples.jsonl").read_text().splitlines()] for e in outs}
-    assert len(samples["vllm"]) == 8 and samples["vllm"] == samples["hf"]
     summary = {e: json.loads((tmp_path / e / "summary.json").read_text()) for e in outs}
-    assert summary["vllm"] == summary["hf"]
-    protocol = [ln for ln in outs["vllm"].stdout.splitlines() if ln.startswith(("source:", "extraction:", "interval:"))]
-    assert protocol and all(ln in outs["hf"].stdout for ln in protocol)
+    assert len(samples["hf"]) == 8
+    for name in ("vllm", "vllm-tp2"):
+        assert samples[name] == samples["hf"] and summary[name] == summary["hf"], name
+        protocol = [ln for ln in outs[name].stdout.splitlines() if ln.startswith(("source:", "extraction:", "interval:"))]
+        assert protocol and all(ln in outs["hf"].stdout for ln in protocol)
 
 
 @needs_vllm

@@ -202,6 +202,9 @@ class VLLMEngine:
         on_cpu = current_platform.is_cpu()
         if on_cpu and kv_cache_memory_bytes is None:
             kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        if on_cpu and tensor_parallel_size > 1:
+            # vLLM's automatic binding wants one NUMA node per CPU worker (a one-node machine fails).
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self._config_dir = tempfile.TemporaryDirectory(prefix="popo-vllm-")
         config = copy.deepcopy(model.config)
         config.architectures = config.architectures or [type(model).__name__]
@@ -230,7 +233,7 @@ class VLLMEngine:
                     # Log-probs after temperature and the logit bias: the distribution the sampler drew from.
                     logprobs_mode="processed_logprobs",
                 )
-        except (ValueError, RuntimeError, NotImplementedError) as err:
+        except (ValueError, RuntimeError, NotImplementedError, AssertionError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"{keys['engine']}=vllm: vLLM cannot start this model: {first}") from None
         self._sleeping: set[str] = set()  # vLLM memory tags released by the last sleep
