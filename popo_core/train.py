@@ -105,7 +105,7 @@ def build(cfg: Config):
     # Several ranks: each samples its share with a whole copy, fed the full weights at each push.
     whole = copy.deepcopy(model).eval() if ranks.distributed else None
     engine = make_engine(cfg.rollout.engine, whole if ranks.distributed else model, tokenizer, seed=t.seed,
-                         trust_remote_code=m.trust_remote_code, rollout=cfg.rollout)
+                         trust_remote_code=m.trust_remote_code, rollout=cfg.rollout, dtype=compute_dtype)
     if ranks.distributed:
         engine = ShardedEngine(engine, ranks)
     predictor = None

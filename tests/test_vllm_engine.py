@@ -92,6 +92,11 @@ def test_vllm_only_settings_with_the_hf_engine_are_refused(override, key):
         compose("tiny", [override])
 
 
+def test_vllm_with_lora_is_refused_until_adapters_can_be_pushed():
+    with pytest.raises(ConfigError, match="rollout.engine=vllm.*LoRA"):
+        compose("tiny", ["rollout.engine=vllm", "model.lora.rank=8"])
+
+
 @pytest.mark.parametrize("override", ["rollout.sleep_level=3", "rollout.tensor_parallel_size=0",
                                       "rollout.kv_cache_memory_bytes=0", "rollout.gpu_memory_utilization=1.5"])
 def test_bad_vllm_settings_name_their_key(override):

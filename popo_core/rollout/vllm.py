@@ -116,6 +116,19 @@ def _quiet_vllm_logs() -> None:
 
 
 @contextmanager
+def _no_autocast() -> Iterator[None]:
+    """vLLM runs in its own dtype: a trainer's bf16 autocast must not reach its forward passes."""
+    import torch
+
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
+@contextmanager
 def _process_state_kept() -> Iterator[None]:
     """Start vLLM without changing this process's torch threads or random streams.
 
@@ -186,13 +199,18 @@ class VLLMEngine:
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
         keys: Mapping[str, str] = TRAIN_KEYS,
+        dtype=None,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         _quiet_vllm_logs()
         check_support(tensor_parallel_size=tensor_parallel_size, sleep_level=sleep_level, keys=keys)
+        import torch.distributed
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # vLLM in this process would set up its own process group over the trainer's.
+            raise ConfigError(f"{keys['engine']}=vllm under torchrun (several processes) is not supported yet; use hf")
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
         self.suppress = suppressed_ids(tokenizer, self.eos)
@@ -209,7 +227,7 @@ class VLLMEngine:
         config = copy.deepcopy(model.config)
         config.architectures = config.architectures or [type(model).__name__]
         config.save_pretrained(self._config_dir.name)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
         self.on_cpu = on_cpu
         try:
             with _process_state_kept(), engine_threads(on_cpu):
@@ -259,7 +277,7 @@ class VLLMEngine:
         self.spec.check(named)
         try:
             self._wake_up("weights")
-            with engine_threads(self.on_cpu):
+            with engine_threads(self.on_cpu), _no_autocast():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM did not reset its prefix cache (requests still running?)")
@@ -327,7 +345,7 @@ class VLLMEngine:
 
         # Prompt seed s -> vLLM seeds s*n .. s*n + n-1: distinct prompt seeds never share a stream.
         sampling = params(None) if seeds is None else [params(int(s) * n) for s in seeds]
-        with engine_threads(self.on_cpu):
+        with engine_threads(self.on_cpu), _no_autocast():
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], sampling, use_tqdm=False)
         self._sleep()
         return rollouts_from_vllm(prompt_ids, outputs, self.eos, self.tokenizer)
