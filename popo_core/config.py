@@ -290,9 +290,6 @@ def validate(cfg: Config) -> None:
         _check(r.sleep_level == 0, "rollout.sleep_level", r.sleep_level, "needs rollout.engine=vllm")
         _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "needs rollout.engine=vllm")
     _check(r.max_model_len is None or r.max_model_len >= 2, "rollout.max_model_len", r.max_model_len, "must be >= 2")
-    if r.engine == "vllm":
-        _check(cfg.model.lora.rank == 0, "rollout.engine", r.engine,
-               "LoRA runs (model.lora.rank > 0) cannot push their adapters to vLLM yet; use rollout.engine=hf")
     _check(o.lr > 0.0, "optim.lr", o.lr, "must be > 0")
     _check(o.max_grad_norm > 0.0, "optim.max_grad_norm", o.max_grad_norm, "must be > 0")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")

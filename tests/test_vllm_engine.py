@@ -92,9 +92,28 @@ def test_vllm_only_settings_with_the_hf_engine_are_refused(override, key):
         compose("tiny", [override])
 
 
-def test_vllm_with_lora_is_refused_until_adapters_can_be_pushed():
-    with pytest.raises(ConfigError, match="rollout.engine=vllm.*LoRA"):
-        compose("tiny", ["rollout.engine=vllm", "model.lora.rank=8"])
+@needs_vllm
+def test_a_lora_policy_pushes_its_merged_weights():
+    """vLLM samples from W + scale B A: its log-probs equal the trainer's through the peft model."""
+    from popo_core.config import LoraConfig
+    from popo_core.networks import POLICY, adapter_params, add_lora
+
+    model, tok = tiny_model()
+    model = add_lora(model, LoraConfig(rank=4, alpha=8))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in adapter_params(model, POLICY):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    engine = engine_for(model, tok)
+    assert {n for n, _ in named_tensors(model)} == set(model.get_base_model().state_dict()) - {
+        n for n in model.get_base_model().state_dict() if "lora_" in n} | {
+        n.replace(".base_layer.", ".") for n in model.get_base_model().state_dict() if ".base_layer." in n} - {
+        n for n in model.get_base_model().state_dict() if ".base_layer." in n}
+    out = engine.generate(long_prompts(tok), n=2, temperature=TEMPERATURE, max_new_tokens=8, seeds=[1, 2, 3])
+    assert max_gap(model, out, engine.suppress) <= 1e-4
+    # Not vacuous: the base alone (adapters off) gives other log-probs.
+    with model.disable_adapter():
+        assert max_gap(model, out, engine.suppress) > 1e-3
 
 
 @pytest.mark.parametrize("override", ["rollout.sleep_level=3", "rollout.tensor_parallel_size=0",

@@ -47,7 +47,7 @@ class WeightSpec:
 
     @classmethod
     def of(cls, model) -> "WeightSpec":
-        return cls({name: tuple(t.shape) for name, t in model.state_dict().items()})
+        return cls({name: tuple(t.shape) for name, t in named_tensors(model)})
 
     def check(self, named: list[tuple[str, object]]) -> None:
         """Raise WeightPushError unless `named` holds every tensor once with its shape."""
@@ -76,7 +76,10 @@ def named_tensors(model) -> list[tuple[str, object]]:
     The seam for LoRA and FSDP: a merged LoRA model or tensors gathered from FSDP shards are
     pushed the same way, as (name, full tensor) pairs, with `VLLMEngine.push_weights`.
     """
-    return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+    from popo_core.networks import merged_state_dict
+
+    # A LoRA policy pushes its merged weights (W + scale B A) under the base model's names.
+    return [(name, tensor.detach()) for name, tensor in merged_state_dict(model).items()]
 
 
 def check_support(*, tensor_parallel_size: int = 1, sleep_level: int = 0, keys: Mapping[str, str] = TRAIN_KEYS) -> None:
@@ -224,8 +227,9 @@ class VLLMEngine:
             # vLLM's automatic binding wants one NUMA node per CPU worker (a one-node machine fails).
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self._config_dir = tempfile.TemporaryDirectory(prefix="popo-vllm-")
-        config = copy.deepcopy(model.config)
-        config.architectures = config.architectures or [type(model).__name__]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA policy's base
+        config = copy.deepcopy(base.config)
+        config.architectures = config.architectures or [type(base).__name__]
         config.save_pretrained(self._config_dir.name)
         dtype = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
         self.on_cpu = on_cpu
