@@ -17,7 +17,7 @@ import torch
 
 from popo_core import checkpoint
 from popo_core.config import Config, ConfigError, to_flat_dict, to_yaml
-from popo_core.data import Problem, load_problems, prompt_ids, tiny_split
+from popo_core.data import Problem, prompt_ids
 from popo_core.evaluate import evaluate_problems
 from popo_core.models import load_model_and_tokenizer, resolve_device, save_policy
 from popo_core.objective import Objective, build_objective
@@ -25,6 +25,7 @@ from popo_core.policy import collate, completion_forward
 from popo_core.rewards import grade_counts, make_verifier
 from popo_core.rollout import Rollouts, make_engine
 from popo_core.siamese import Predictor, momentum_at, momentum_update_
+from popo_core.tasks import load_task
 from popo_core.tracking import Run
 
 # Settings a resumed run may change: budget, cadence and where things are logged.
@@ -60,17 +61,6 @@ class Callbacks:
 def default_output_dir(cfg: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.preset}-{cfg.algo.name}-seed{cfg.trainer.seed}-{stamp}"
-
-
-def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
-    d = cfg.data
-    if d.task == "tiny":
-        return tiny_split(d.modulus, d.operands, seed=0)
-    train_set = load_problems(d.path, split=d.split, problem_key=d.problem_key, answer_key=d.answer_key)
-    if not d.eval_path:
-        return train_set, []
-    eval_set = load_problems(d.eval_path, split=d.eval_split, limit=d.eval_size)
-    return train_set, eval_set
 
 
 def prompt_batch(problems: list[Problem], step: int, size: int, seed: int) -> list[Problem]:
