@@ -285,8 +285,6 @@ def validate_arith(d: DataConfig) -> None:
     _check(0 <= d.max_operand <= 999, "data.max_operand", d.max_operand, "must be in [0, 999]")
     _check(d.train_size >= 1, "data.train_size", d.train_size, "must be >= 1")
     _check(d.eval_size is None or d.eval_size >= 1, "data.eval_size", d.eval_size, "must be >= 1")
-    # Each chain length gives at most 10% of its prompts to held-out and 40% to training (tasks.py),
-    # so the warm start's supervised examples keep half of every length.
     held_max, train_max = arith_capacity(d)
     held = d.eval_size or ARITH_DEFAULT_EVAL_SIZE
     _check(held <= held_max, "data.eval_size", held, f"this arith space allows at most {held_max} held-out prompts")

@@ -4,18 +4,17 @@
 their grader. Tasks:
 - `tiny`: single-digit sums mod `data.modulus` (one-token answers), exact match.
 - `arith`: a chain of single-digit additions; the completion writes a worked trace, every partial
-  sum, then EOS ("3+7+5=" -> "3+7=10,10+5=15"), graded on its final answer. Prompts are drawn
-  without repetition from a stream seeded by `data.seed`: the held-out prompts first, then the
-  training prompts, so they are disjoint and the held-out set does not change with
-  `data.train_size`; no chain length gives more than 10% of its prompts to the held-out set or
-  40% to the training set. The warm start's supervised examples (popo_core.warmstart) are drawn
-  from another stream over the rest, so they cover every length.
+  sum, then EOS ("3+7+5=" -> "3+7=10,10+5=15"), graded on its final answer. A hash of
+  (`data.seed`, prompt) puts every prompt in one of three pools (held-out 10%, training 40%, the
+  warm start's supervised examples 50%), so the sets are disjoint; each set is drawn from its pool
+  by a stream seeded by `data.seed`, without repetition.
 - `math`: problems with boxed answers from a file or the Hub, graded by math-verify.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Callable, Iterator
 
 from popo_core.data import Problem, load_problems, tiny_split
@@ -42,66 +41,67 @@ def arith_trace(problem: str) -> str:
     return ",".join(steps) if steps else f"{total}={total}"
 
 
-def _caps(d, share: float) -> dict[int, int]:
-    return {n: max(1, int(share * (d.max_operand + 1) ** n)) for n in range(d.min_terms, d.max_terms + 1)}
+# Every prompt belongs to one pool, by a hash of (data.seed, prompt): 1 in 10 to the held-out
+# pool, 4 in 10 to the RL training pool, the other half to the warm start's supervised examples.
+# The three sets are disjoint by construction, each holds about its share of every chain length
+# (short chains have few prompts: 100 of two single digits), and the supervised examples do not
+# depend on how many training or held-out prompts a run asks for.
+POOL_SHARES = {"held_out": 0.1, "train": 0.4, "sft": 0.5}
+_POOL_OF_BUCKET = ["held_out"] + ["train"] * 4 + ["sft"] * 5
+
+
+def arith_pool(problem: str, seed: int) -> str:
+    """The pool ("held_out", "train" or "sft") a prompt belongs to under data.seed."""
+    return _POOL_OF_BUCKET[zlib.crc32(f"{seed}:{problem}".encode()) % 10]
 
 
 def arith_capacity(d) -> tuple[int, int]:
-    """The most held-out and training prompts a DataConfig's arith space allows (the shares below)."""
-    return sum(_caps(d, HELD_OUT_SHARE).values()), sum(_caps(d, TRAIN_SHARE).values())
+    """The most held-out and training prompts drawn for a DataConfig: half of each pool's expected
+    size, so that drawing distinct prompts stays quick."""
+    space = sum((d.max_operand + 1) ** n for n in range(d.min_terms, d.max_terms + 1))
+    return int(0.5 * POOL_SHARES["held_out"] * space), int(0.5 * POOL_SHARES["train"] * space)
 
 
-def _arith_draws(rng: random.Random, min_terms: int, max_terms: int, max_operand: int) -> Iterator[Problem]:
-    """Prompts with a uniformly drawn number of terms, each operand uniform in 0..max_operand."""
-    while True:
-        n = rng.randint(min_terms, max_terms)
-        yield arith_problem([rng.randint(0, max_operand) for _ in range(n)])
+def _draw(rng: random.Random, d) -> Problem:
+    """A prompt with a uniformly drawn number of terms, each operand uniform in 0..max_operand."""
+    n = rng.randint(d.min_terms, d.max_terms)
+    return arith_problem([rng.randint(0, d.max_operand) for _ in range(n)])
 
 
-# Shares of each chain length's distinct prompts that the held-out and the training set may take.
-# Short chains have few prompts (100 of two single digits): without a cap the RL sets would take
-# all of them and the warm start's examples, which must avoid those sets, would never show one.
-HELD_OUT_SHARE, TRAIN_SHARE = 0.1, 0.4
-
-
-def _unique(draws: Iterator[Problem], count: int, taken: set[str], caps: dict[int, int], what: str) -> list[Problem]:
-    """`count` distinct problems not in `taken` (which grows with them), at most caps[n] of n terms."""
+def _distinct(d, pool: str, count: int) -> list[Problem]:
+    """The first `count` distinct prompts of `pool` in the stream seeded by (data.seed, pool)."""
+    rng = random.Random(f"arith-{pool}-{d.seed}")
     out: list[Problem] = []
-    per_length: dict[int, int] = {}
+    seen: set[str] = set()
     tries = 0
     while len(out) < count:
-        p = next(draws)
-        n = p.problem.count("+") + 1
+        p = _draw(rng, d)
         tries += 1
-        if p.problem not in taken and per_length.get(n, 0) < caps[n]:
-            taken.add(p.problem)
-            per_length[n] = per_length.get(n, 0) + 1
+        if p.problem not in seen and arith_pool(p.problem, d.seed) == pool:
+            seen.add(p.problem)
             out.append(p)
-        elif tries > 50 * count + 10_000:
-            raise ConfigError(f"cannot draw {count} distinct {what} arith prompts: the space is too small "
-                              "(raise data.max_terms or data.max_operand, or lower the sizes)")
+        elif tries > 100 * count + 10_000:
+            raise ConfigError(f"cannot draw {count} distinct {pool.replace('_', '-')} arith prompts: the space is too "
+                              "small (raise data.max_terms or data.max_operand, or lower the sizes)")
     return out
 
 
 def arith_split(d) -> tuple[list[Problem], list[Problem]]:
-    """(train, held-out) arith prompts for a DataConfig, disjoint, fixed by `data.seed`."""
-    draws = _arith_draws(random.Random(f"arith-{d.seed}"), d.min_terms, d.max_terms, d.max_operand)
-    taken: set[str] = set()
-    held_out = _unique(draws, d.eval_size or ARITH_DEFAULT_EVAL_SIZE, taken, _caps(d, HELD_OUT_SHARE), "held-out")
-    train = _unique(draws, d.train_size, taken, _caps(d, TRAIN_SHARE), "training")
-    return train, held_out
+    """(train, held-out) arith prompts for a DataConfig: disjoint, fixed by `data.seed`, and each
+    independent of the other's size."""
+    return _distinct(d, "train", d.train_size), _distinct(d, "held_out", d.eval_size or ARITH_DEFAULT_EVAL_SIZE)
 
 
-def arith_sft_examples(d, seed: int, exclude: set[str]) -> Iterator[tuple[str, str]]:
-    """An endless stream of (prompt, worked completion) for supervised warm-up: a uniformly drawn
-    number of terms, then operands redrawn until the prompt is not in `exclude` (the RL training
-    and held-out prompts, at most half of each length). Repeats are allowed."""
+def arith_sft_examples(d, seed: int) -> Iterator[tuple[str, str]]:
+    """An endless stream of (prompt, worked completion) from the supervised pool, for the warm
+    start: a uniformly drawn number of terms, then operands redrawn until the prompt is in the
+    pool (about half of every length is). Repeats are allowed; `seed` is warmstart.seed."""
     rng = random.Random(f"arith-sft-{d.seed}-{seed}")
     while True:
         n = rng.randint(d.min_terms, d.max_terms)
         while True:
             p = arith_problem([rng.randint(0, d.max_operand) for _ in range(n)])
-            if p.problem not in exclude:
+            if arith_pool(p.problem, d.seed) == "sft":
                 break
         yield p.problem, arith_trace(p.problem)
 
@@ -122,7 +122,7 @@ def _math(d) -> tuple[list[Problem], list[Problem]]:
 TASKS: dict[str, Callable] = {"tiny": _tiny, "math": _math, "arith": arith_split}
 # Tasks whose held-out prompts `popo eval --bench NAME` generates (no file, no Hub).
 SYNTHETIC = ("arith",)
-# Tasks that can write a supervised warm-up set: name -> (DataConfig, seed, exclude) -> examples.
+# Tasks that can write a supervised warm-up set: name -> (DataConfig, warmstart.seed) -> examples.
 SFT_EXAMPLES: dict[str, Callable] = {"arith": arith_sft_examples}
 
 

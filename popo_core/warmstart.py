@@ -31,7 +31,9 @@ MARKER = "warmstart.json"  # written last: its presence means the directory is c
 Progress = Callable[[int, int, float], None]
 
 # The DataConfig fields that decide a task's prompts (the rest: file paths of the math task).
-_TASK_FIELDS = {"arith": ("task", "seed", "min_terms", "max_terms", "max_operand", "train_size", "eval_size")}
+# (The supervised examples come from their own pool, so the numbers of training and held-out
+# prompts do not change them.)
+_TASK_FIELDS = {"arith": ("task", "seed", "min_terms", "max_terms", "max_operand")}
 _MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "tie_embeddings", "dtype", "template")
 
 
@@ -113,9 +115,8 @@ def build(cfg, path: Path, progress: Progress | None = None) -> dict:
     model = build_tiny_model(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                              tie_embeddings=m.tie_embeddings, seed=w.seed)
     model = model.to(resolve_dtype(m.dtype, torch.device("cpu")))
-    train, held_out = load_task(cfg)
-    exclude = {p.problem for p in train} | {p.problem for p in held_out}
-    examples = SFT_EXAMPLES[cfg.data.task](cfg.data, w.seed, exclude)
+    _, held_out = load_task(cfg)
+    examples = SFT_EXAMPLES[cfg.data.task](cfg.data, w.seed)
     rendered = ((render(m.template, prompt), completion) for prompt, completion in examples)
     losses = sft(model, tokenizer, rendered, w, progress)
     accuracy = greedy_accuracy(model, tokenizer, held_out, cfg.data.task, template=m.template,

@@ -59,26 +59,28 @@ def test_split_ignores_trainer_seed():
     assert a == b and a[1] != c[1]
 
 
-def test_no_length_gives_more_than_its_share():
-    d = arith(train_size=3000, eval_size=200)
-    train, held = tasks.arith_split(d)
-    count = lambda ps: Counter(p.problem.count("+") + 1 for p in ps)  # noqa: E731
-    assert count(held)[2] <= 10 and count(train)[2] <= 40  # 10% / 40% of the 100 two-term prompts
-    assert count(held)[3] <= 100 and count(train)[3] <= 400
+def test_pools_split_every_length_in_their_shares():
+    count = Counter()
+    for a in range(10):
+        for b in range(10):
+            for c in range(10):
+                for e in range(10):
+                    count[tasks.arith_pool(f"{a}+{b}+{c}+{e}=", 0)] += 1
+    assert abs(count["held_out"] - 1000) < 100 and abs(count["train"] - 4000) < 200 and abs(count["sft"] - 5000) < 200
+    two = Counter(tasks.arith_pool(f"{a}+{b}=", 0) for a in range(10) for b in range(10))
+    assert set(two) == {"held_out", "train", "sft"}
+    assert [tasks.arith_pool("3+4=", s) for s in range(20)] != [tasks.arith_pool("3+4=", 0)] * 20  # seed moves it
 
 
-def test_sft_examples_avoid_the_rl_prompts_and_cover_every_length():
+def test_sets_come_from_their_pools_and_sizes_do_not_interact():
     d = arith(train_size=3000, eval_size=200)
     train, held = tasks.arith_split(d)
-    exclude = {p.problem for p in train + held}
-    examples = list(islice(tasks.arith_sft_examples(d, 0, exclude), 3000))
-    assert not {p for p, _ in examples} & exclude
-    assert all(c == tasks.arith_trace(p) for p, c in examples)
-    lengths = Counter(p.count("+") + 1 for p, _ in examples)
-    assert set(lengths) == {2, 3, 4, 5, 6} and min(lengths.values()) > 500
-    again = list(islice(tasks.arith_sft_examples(d, 0, exclude), 3000))
-    other = list(islice(tasks.arith_sft_examples(d, 1, exclude), 3000))
-    assert again == examples and other != examples
+    assert all(tasks.arith_pool(p.problem, 0) == "train" for p in train)
+    assert all(tasks.arith_pool(p.problem, 0) == "held_out" for p in held)
+    assert tasks.arith_split(replace(d, eval_size=100))[0] == train
+    assert tasks.arith_split(replace(d, train_size=100))[1] == held
+    lengths = Counter(p.problem.count("+") + 1 for p in held)
+    assert lengths[2] <= 12 and set(lengths) == {2, 3, 4, 5, 6}
 
 
 def test_tiny_task_is_unchanged():

@@ -37,11 +37,11 @@ def cache(tmp_path, monkeypatch):
 
 def test_hash_covers_what_determines_the_model_and_nothing_else(monkeypatch):
     base = warmstart.spec_hash(compose("arith"))
-    for override in ("data.seed=1", "data.max_terms=5", "data.train_size=4000", "model.hidden_size=256",
+    for override in ("data.seed=1", "data.max_terms=5", "data.max_operand=8", "model.hidden_size=256",
                      "model.num_layers=3", "warmstart.lr=1e-3", "warmstart.seed=1", "warmstart.steps=10"):
         assert warmstart.spec_hash(compose("arith", [override])) != base, override
     for override in ("trainer.seed=3", "algo=grpo", "optim.lr=1e-4", "rollout.group_size=4", "trainer.max_steps=5",
-                     "model.bench_max_new_tokens=10"):
+                     "model.bench_max_new_tokens=10", "data.train_size=4000", "data.eval_size=100"):
         assert warmstart.spec_hash(compose("arith", [override])) == base, override
     monkeypatch.setattr(warmstart, "CODE_VERSION", warmstart.CODE_VERSION + 1)
     assert warmstart.spec_hash(compose("arith")) != base
@@ -101,7 +101,7 @@ def test_sft_learns_and_is_deterministic():
         tok = build_tiny_tokenizer()
         model = build_tiny_model(tok, hidden_size=64, num_layers=1, num_heads=2, seed=0)
         seen = []
-        losses = warmstart.sft(model, tok, arith_sft_examples(cfg.data, 0, set()), cfg.warmstart,
+        losses = warmstart.sft(model, tok, arith_sft_examples(cfg.data, 0), cfg.warmstart,
                                lambda s, n, loss: seen.append((s, n)))
         return model, losses, seen
 
