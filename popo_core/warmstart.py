@@ -116,7 +116,7 @@ def build(cfg, path: Path, progress: Progress | None = None) -> dict:
                              tie_embeddings=m.tie_embeddings, seed=w.seed)
     model = model.to(resolve_dtype(m.dtype, torch.device("cpu")))
     _, held_out = load_task(cfg)
-    examples = SFT_EXAMPLES[cfg.data.task](cfg.data, w.seed)
+    examples = SFT_EXAMPLES[cfg.data.task](cfg.data, w.seed, w.batch_size)
     rendered = ((render(m.template, prompt), completion) for prompt, completion in examples)
     losses = sft(model, tokenizer, rendered, w, progress)
     accuracy = greedy_accuracy(model, tokenizer, held_out, cfg.data.task, template=m.template,
