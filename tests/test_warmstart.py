@@ -37,7 +37,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_hash_covers_what_determines_the_model_and_nothing_else(monkeypatch):
     base = warmstart.spec_hash(compose("arith"))
-    for override in ("data.seed=1", "data.max_terms=5", "data.max_operand=8", "model.hidden_size=256",
+    for override in ("data.seed=1", "data.max_terms=6", "data.max_operand=8", "model.hidden_size=256",
                      "model.num_layers=3", "warmstart.lr=1e-3", "warmstart.seed=1", "warmstart.steps=10"):
         assert warmstart.spec_hash(compose("arith", [override])) != base, override
     for override in ("trainer.seed=3", "algo=grpo", "optim.lr=1e-4", "rollout.group_size=4", "trainer.max_steps=5",
