@@ -10,7 +10,8 @@ import typer
 
 from popo_cli.common import console, progress_bar, setup_env, user_errors
 
-BENCH_HELP = "aime24, aime25, amc23, math500, gsm8k, minerva_math, olympiadbench, or all. Repeat for several."
+BENCH_HELP = ("aime24, aime25, amc23, math500, gsm8k, minerva_math, olympiadbench, or all (those seven); or a "
+              "synthetic task's held-out prompts: arith (named explicitly, with --model). Repeat for several.")
 
 
 def eval_cmd(
@@ -45,7 +46,8 @@ def eval_cmd(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."),
     experiment: str = typer.Option("popo", "--experiment", help="MLflow experiment (with --run-id: the parent's)."),
 ) -> None:
-    """Evaluate on math benchmarks: accuracy with a 95% CI, pass@k, maj@K, graded by math-verify."""
+    """Evaluate on math benchmarks (graded by math-verify) or a synthetic task (arith, graded exactly):
+    accuracy with a 95% CI, pass@k, maj@K."""
     setup_env()
     with user_errors():
         from popo_core.eval_run import EvalSettings, run_eval

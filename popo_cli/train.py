@@ -40,6 +40,38 @@ def make_progress_callbacks(label: str = "train"):
     return ProgressCallbacks()
 
 
+def ensure_warm_start(cfg):
+    """Build (or find in the cache) the warm start a `model.name_or_path=warmstart` config asks for,
+    with a progress bar while it trains; return the config pointing at it."""
+    if cfg.model.name_or_path != "warmstart":
+        return cfg
+    from rich.progress import TextColumn
+
+    from popo_core import warmstart
+
+    bar = progress_bar(TextColumn("{task.fields[info]}"))
+    task = None
+
+    def on_build(path):
+        nonlocal task
+        console.print(f"[bold]warm start[/] not cached: building it ({cfg.warmstart.steps} supervised steps) -> {path}")
+        bar.start()
+        task = bar.add_task("warm start", total=cfg.warmstart.steps, info="")
+
+    def progress(step, total, loss):
+        bar.update(task, completed=step, info=f"loss {loss:.3f}")
+
+    try:
+        resolved = warmstart.ensure(cfg, progress, on_build=on_build)
+    finally:
+        bar.stop()
+    info = warmstart.read_info(resolved.model.name_or_path) or {}
+    acc = info.get("heldout_greedy_accuracy")
+    note = f" (held-out greedy accuracy {acc:.3f})" if acc is not None else ""
+    console.print(f"[bold]warm start[/] {resolved.model.name_or_path}{note}")
+    return resolved
+
+
 def train(
     preset: Optional[str] = typer.Argument(None, help="Preset; see below. Default: tiny.", show_default=False),
     overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides, e.g. algo=grpo algo.momentum=0.95"),
@@ -68,6 +100,7 @@ def train(
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if not no_fit_check:
             plan_view.preflight(cfg, gpu_memory, world_size=world)
+        cfg = ensure_warm_start(cfg)  # arith: build (or reuse) the warm-started model
         from popo_core.train import Trainer, TrainingAborted
 
         main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints

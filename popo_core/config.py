@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "tiny"  # tiny (synthetic sums, exact match) | math (boxed answers, math-verify)
+    task: str = "tiny"  # tiny | arith (synthetic, exact match) | math (boxed answers, math-verify); popo_core.tasks
     # task=math: a packaged data set (popo_core.resources.PACKAGED: math_l3to5, math500, aime24, ...),
     # a JSONL/JSON/Parquet file, or a Hugging Face dataset id (org/name)
     path: Optional[str] = None
@@ -86,9 +86,15 @@ class DataConfig:
     answer_key: str = "answer"
     eval_path: Optional[str] = None  # held-out set for eval/accuracy during training (task=math), same forms
     eval_split: str = "test"
-    eval_size: Optional[int] = None  # cap on held-out problems (None: all)
+    eval_size: Optional[int] = None  # cap on held-out problems (None: all); arith: how many (None: 200)
     modulus: int = 10  # tiny task: (a + b) mod modulus with single digits a, b
     operands: int = 2
+    seed: int = 0  # synthetic tasks: fixes which prompts are train and held-out (not trainer.seed)
+    # arith task: chains of min_terms..max_terms operands in 0..max_operand; train_size RL prompts.
+    min_terms: int = 2
+    max_terms: int = 6
+    max_operand: int = 9
+    train_size: int = 5000
 
 
 @dataclass
@@ -172,6 +178,20 @@ class TrackingConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """Supervised warm-up that builds the starting policy when model.name_or_path=warmstart
+    (popo_core.warmstart): the tiny model of model.* fine-tuned on the task's worked examples."""
+
+    steps: int = 300
+    batch_size: int = 64  # examples per optimizer step
+    lr: float = 3e-3  # AdamW peak; linear warm-up, then cosine decay to 0
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0  # init and example order (the same for every trainer.seed)
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -181,6 +201,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 def config_dir() -> Path:
@@ -298,18 +319,24 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _check(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "must be >= 1")
     _check(t.max_nonfinite >= 1, "trainer.max_nonfinite", t.max_nonfinite, "must be >= 1")
-    _choice("data.task", d.task, ("tiny", "math"))
+    from popo_core.tasks import TASKS  # torch-free
+
+    _choice("data.task", d.task, tuple(TASKS))
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     if d.task == "tiny":
         _check(d.modulus >= 2, "data.modulus", d.modulus, "must be >= 2")
         _check(d.operands >= 1, "data.operands", d.operands, "must be >= 1")
+    elif d.task == "arith":
+        validate_arith(d)
     else:
         _check(bool(d.path), "data.path", d.path,
                "task=math needs a packaged data set (e.g. math_l3to5), a training file or a Hugging Face dataset id")
     for key, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
         _check_data_source(key, value)
     _validate_model(cfg.model)
-    if cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
+    if cfg.model.name_or_path == "warmstart":
+        _validate_warmstart(cfg)
+    elif cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
         if not Path(cfg.model.name_or_path).exists():
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: directory not found")
 
@@ -351,6 +378,41 @@ def _check_data_source(key: str, value: Optional[str]) -> None:
             raise ConfigError(f"{key}={resources.missing_message(value)}")
     elif _looks_local(value) and not Path(value).exists():
         raise ConfigError(f"{key}={value}: file not found{resources.name_hint(value)}")
+
+
+def validate_arith(d: DataConfig) -> None:
+    from popo_core.tasks import ARITH_DEFAULT_EVAL_SIZE, arith_capacity
+
+    _check(d.min_terms >= 1, "data.min_terms", d.min_terms, "must be >= 1")
+    _check(d.max_terms >= d.min_terms, "data.max_terms", d.max_terms, f"must be >= data.min_terms ({d.min_terms})")
+    _check(d.max_terms <= 20, "data.max_terms", d.max_terms, "must be <= 20")
+    _check(0 <= d.max_operand <= 999, "data.max_operand", d.max_operand, "must be in [0, 999]")
+    _check(d.train_size >= 1, "data.train_size", d.train_size, "must be >= 1")
+    _check(d.eval_size is None or d.eval_size >= 1, "data.eval_size", d.eval_size, "must be >= 1")
+    held_max, train_max = arith_capacity(d)
+    held = d.eval_size or ARITH_DEFAULT_EVAL_SIZE
+    _check(held <= held_max, "data.eval_size", held, f"this arith space allows at most {held_max} held-out prompts")
+    _check(d.train_size <= train_max, "data.train_size", d.train_size,
+           f"this arith space allows at most {train_max} training prompts")
+
+
+def _validate_warmstart(cfg: Config) -> None:
+    from popo_core.tasks import SFT_EXAMPLES
+
+    w = cfg.warmstart
+    _check(cfg.data.task in SFT_EXAMPLES, "model.name_or_path", "warmstart",
+           f"a warm start needs a task with worked examples ({', '.join(SFT_EXAMPLES)}), not data.task={cfg.data.task}")
+    _check(w.steps >= 1, "warmstart.steps", w.steps, "must be >= 1")
+    _check(w.batch_size >= 1, "warmstart.batch_size", w.batch_size, "must be >= 1")
+    _check(w.lr > 0.0, "warmstart.lr", w.lr, "must be > 0")
+    _check(w.warmup_steps >= 0, "warmstart.warmup_steps", w.warmup_steps, "must be >= 0")
+    _check(w.weight_decay >= 0.0, "warmstart.weight_decay", w.weight_decay, "must be >= 0")
+    _check(w.max_grad_norm > 0.0, "warmstart.max_grad_norm", w.max_grad_norm, "must be > 0")
+    m = cfg.model
+    heads_ok = m.num_heads >= 1 and m.hidden_size % m.num_heads == 0 and m.hidden_size // m.num_heads >= 32
+    _check(heads_ok, "model.num_heads", m.num_heads,
+           f"model.hidden_size ({m.hidden_size}) / model.num_heads must be a whole head size >= 32 (vLLM's CPU kernels)")
+    _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "must be >= 1")
 
 
 def _looks_local(value: str) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from popo_core import benchmarks as bm
+from popo_core import synthetic_eval
 from popo_core.data import TEMPLATES, Problem
 from popo_core.errors import ConfigError, DataError, ModelLoadError
 from popo_core.evaluate import BenchmarkSummary, EvalReport, evaluate_problems, grade_responses, summarize
@@ -191,6 +192,9 @@ def _no_progress(description: str, total: int) -> Callable[[int], None]:
 
 def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalResult:
     validate(s)
+    synthetic, named = synthetic_eval.split_names(s.benches)
+    if synthetic:
+        return _run_synthetic(s, synthetic, named, progress)
     benches = bm.resolve(s.benches)
     if s.data and len(benches) > 1:
         raise ConfigError("--data FILE replaces one benchmark's problems; give a single --bench with it")
@@ -216,6 +220,39 @@ def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalR
                 report = model.evaluate(bench, limited[bench.name], verifier, progress)
             summary = summarize(report, bench.name, missing=missing, seed=s.seed)
             result.results.append(BenchResult(bench, bm.source(bench, s.data), report, summary))
+    if s.output:
+        result.output = write_outputs(result, Path(s.output))
+    if experiment:
+        result.run_id = log_to_mlflow(s, result, experiment)
+    return result
+
+
+def _run_synthetic(s: EvalSettings, names: list[str], others: list[str], progress: ProgressFactory) -> EvalResult:
+    """Synthetic tasks (popo_core.synthetic_eval): their held-out prompts, graded by their verifier."""
+    import dataclasses
+
+    from popo_core.rewards import make_verifier
+
+    if others:
+        raise ConfigError(f"--bench {names[0]} is a synthetic task: evaluate it on its own, not with {others[0]}")
+    if s.responses or s.data:
+        raise ConfigError(f"--bench {names[0]} generates its own held-out prompts: give --model, not --responses or --data")
+    held = [synthetic_eval.held_out(name, s.model) for name in names]  # bad settings fail before any work
+    experiment = _experiment(s) if s.tracking else None
+    model_cfg = resolve_model(s.model, s.template)  # type: ignore[arg-type]
+    if s.max_new_tokens is None:
+        s.max_new_tokens = model_cfg.bench_max_new_tokens
+    model = _Model(s, model_cfg)
+    protocol = make_protocol(s, "", model.template)
+    protocol = dataclasses.replace(
+        protocol, source=f"{protocol.source}; " + "; ".join(src for _, _, src in held),
+        extraction="; ".join(synthetic_eval.EXTRACTION[n] for n in names),
+        grader="; ".join(synthetic_eval.GRADER[n] for n in names))
+    result = EvalResult(protocol)
+    for name, (bench, problems, src) in zip(names, held):
+        problems = problems[: s.limit] if s.limit else problems
+        report = model.evaluate(bench, problems, make_verifier(name), progress)
+        result.results.append(BenchResult(bench, src, report, summarize(report, name, seed=s.seed)))
     if s.output:
         result.output = write_outputs(result, Path(s.output))
     if experiment:

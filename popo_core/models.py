@@ -102,6 +102,9 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
     device = device or resolve_device()
     dtype = dtype or resolve_dtype(model_cfg.dtype, device)
     name = model_cfg.name_or_path
+    if name == "warmstart":
+        raise ModelLoadError("model.name_or_path=warmstart is a recipe: build it first with popo_core.warmstart.ensure "
+                             "(popo train does), or pass a built warm start's directory")
     try:
         tokenizer = load_tokenizer(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
         if name == "tiny":

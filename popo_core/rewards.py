@@ -37,15 +37,40 @@ class ExactMatch:
         pass
 
 
+class FinalAnswer:
+    """The arith task's verifier: the final answer of a worked trace, exactly.
+
+    The final answer is the text after the completion's last "=" (the whole completion if it has
+    none), stripped of whitespace; "3+7=10,10+5=15" answers 15. Only the final answer is graded,
+    not the partial sums before it. `normalize` and `progress` (which popo eval passes to every
+    verifier) are accepted and unused.
+    """
+
+    def __call__(self, responses: Sequence[str], golds: Sequence[str], *, normalize=None, progress=None) -> list[Grade]:
+        out = []
+        for response, gold in zip(responses, golds, strict=True):
+            text = response.rpartition("=")[2].strip()
+            out.append(Grade(text == gold.strip(), text or None, "ok" if text else "unparsed"))
+        if progress:
+            progress(len(out))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 def make_verifier(task: str, **kwargs) -> Verifier:
-    """`tiny` -> exact match; `math` -> math-verify in a process pool (popo_core.grading)."""
+    """`tiny` -> exact match; `arith` -> exact final answer; `math` -> math-verify in a process pool
+    (popo_core.grading)."""
     if task == "tiny":
         return ExactMatch()
+    if task == "arith":
+        return FinalAnswer()
     if task == "math":
         from popo_core.grading import MathVerifier
 
         return MathVerifier(**kwargs)
-    raise ValueError(f"unknown task {task!r} (tiny | math)")
+    raise ValueError(f"unknown task {task!r} (tiny | arith | math)")
 
 
 def grade_counts(grades: Sequence[Grade]) -> dict[str, int]:

@@ -15,7 +15,7 @@ import torch
 
 from popo_core import distributed
 from popo_core.config import Config, ConfigError
-from popo_core.data import Problem, load_problems, prompt_ids, tiny_split
+from popo_core.data import Problem, prompt_ids
 from popo_core.evaluate import evaluate_problems
 from popo_core.models import load_model_and_tokenizer, resolve_device, resolve_dtype
 from popo_core.networks import add_lora, momentum_network, reference_network
@@ -26,6 +26,7 @@ from popo_core.rollout.sampling import prompt_keys
 from popo_core.rollout.sharded import ShardedEngine
 from popo_core.run import Callbacks, TrainingRun, TrainResult  # noqa: F401  (re-exported)
 from popo_core.siamese import Predictor
+from popo_core.tasks import load_task
 from popo_core.update import Batch, Learner, TrainingAborted, update  # noqa: F401  (re-exported)
 
 
@@ -85,8 +86,11 @@ def build(cfg: Config):
     Trainable weights, optimizer states and the momentum network are fp32 (master weights) and
     forward/backward run in `model.dtype` under autocast; with LoRA the frozen base stays in
     `model.dtype` and only the fp32 adapter trains."""
-    t, a, o, m = cfg.trainer, cfg.algo, cfg.optim, cfg.model
+    from popo_core import warmstart
+
+    t, a, o = cfg.trainer, cfg.algo, cfg.optim
     objective = build_objective(a, group_size=cfg.rollout.group_size)  # a bad combination fails before any loading
+    m = warmstart.ensure(cfg).model  # model.name_or_path=warmstart: built once, then read from its cache
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -129,17 +133,6 @@ def build(cfg: Config):
         momentum=momentum, reference=reference, predictor=predictor, ranks=ranks, whole=whole,
     )
     return learner, tokenizer, engine
-
-
-def load_task(cfg: Config) -> tuple[list[Problem], list[Problem]]:
-    d = cfg.data
-    if d.task == "tiny":
-        return tiny_split(d.modulus, d.operands, seed=0)
-    train_set = load_problems(d.path, split=d.split, problem_key=d.problem_key, answer_key=d.answer_key)
-    if not d.eval_path:
-        return train_set, []
-    eval_set = load_problems(d.eval_path, split=d.eval_split, limit=d.eval_size)
-    return train_set, eval_set
 
 
 def prompt_batch(problems: list[Problem], step: int, size: int, seed: int) -> list[Problem]:
