@@ -26,7 +26,8 @@ def policy_state(out):
 
 
 def test_short_run_logs_everything_to_mlflow(workdir):
-    cfg = compose("tiny", tiny_overrides(workdir, **{"tracking.enabled": "true", "trainer.max_steps": 4, "trainer.diagnostics_every": 1}))
+    cfg = compose("tiny", tiny_overrides(workdir, **{"tracking.enabled": "true", "trainer.max_steps": 4, "trainer.diagnostics_every": 1,
+                                                 "rollout.prompts_per_step": 24, "rollout.group_size": 8}))
     result = train(cfg)
     out = workdir / "run"
     assert result.step == 4 and result.final_accuracy is not None
