@@ -56,7 +56,7 @@ def eval_cmd(
             benches=list(bench), data=data, model=model, responses=str(responses) if responses else None,
             template=template, engine=engine, tensor_parallel_size=tensor_parallel_size, samples=samples,
             temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, limit=limit, workers=workers, timeout=timeout, seed=seed, device=device,
+            eval_max_new_tokens=max_new_tokens, limit=limit, workers=workers, timeout=timeout, seed=seed, device=device,
             threads=threads, batch_prompts=batch_prompts, output=str(output) if output else None, run_id=run_id,
             tracking=tracking, tracking_uri=tracking_uri, experiment=experiment,
         )

@@ -35,7 +35,7 @@ class EvalSettings:
     samples: int = 1
     temperature: float | None = None  # 0: greedy; None: greedy for one sample, 1.0 for several
     top_p: float = 1.0
-    max_new_tokens: int | None = None  # None: the model's bench_max_new_tokens (3000 for real models)
+    eval_max_new_tokens: int | None = None  # --max-new-tokens; None: the model's bench_max_new_tokens (3000 for real models)
     limit: int | None = None
     workers: int | None = None  # None: min(4, cpu count)
     timeout: int = 5
@@ -70,8 +70,8 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError(f"--samples {s.samples} with greedy decoding repeats one response; set --temperature > 0")
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"--top-p {s.top_p}: must be in (0, 1]")
-    if s.max_new_tokens is not None and s.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {s.max_new_tokens}: must be >= 1")
+    if s.eval_max_new_tokens is not None and s.eval_max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {s.eval_max_new_tokens}: must be >= 1")
     if s.limit is not None and s.limit < 1:
         raise ConfigError(f"--limit {s.limit}: must be >= 1")
     if s.workers is not None and s.workers < 0:
@@ -161,7 +161,7 @@ def make_protocol(s: EvalSettings, grader: str, template: str | None) -> Protoco
         source=source,
         template=template if s.model else None,
         sampling=sampling if s.model else "from the responses file",
-        max_new_tokens=s.max_new_tokens if s.model else None,
+        max_new_tokens=s.eval_max_new_tokens if s.model else None,
         extraction=EXTRACTION,
         grader=f"{grader}; gold/answer normalised per benchmark",
         ci="95%, Wilson over problems when each problem is all right or all wrong (always so with one sample), "
@@ -203,8 +203,8 @@ def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalR
     given = _match_all(s, benches, problem_sets, limited) if s.responses else {}
     experiment = _experiment(s) if s.tracking else None  # an unknown --run-id fails before any work
     model_cfg = resolve_model(s.model, s.template) if s.model else None
-    if s.max_new_tokens is None:
-        s.max_new_tokens = model_cfg.bench_max_new_tokens if model_cfg else 3000
+    if s.eval_max_new_tokens is None:
+        s.eval_max_new_tokens = model_cfg.bench_max_new_tokens if model_cfg else 3000
 
     with MathVerifier(workers=s.workers, timeout=s.timeout) as verifier:
         verifier.start()
@@ -240,8 +240,8 @@ def _run_synthetic(s: EvalSettings, names: list[str], others: list[str], progres
     held = [synthetic_eval.held_out(name, s.model) for name in names]  # bad settings fail before any work
     experiment = _experiment(s) if s.tracking else None
     model_cfg = resolve_model(s.model, s.template)  # type: ignore[arg-type]
-    if s.max_new_tokens is None:
-        s.max_new_tokens = model_cfg.bench_max_new_tokens
+    if s.eval_max_new_tokens is None:
+        s.eval_max_new_tokens = model_cfg.bench_max_new_tokens
     model = _Model(s, model_cfg)
     protocol = make_protocol(s, "", model.template)
     protocol = dataclasses.replace(
@@ -310,7 +310,7 @@ class _Model:
         grade_bar = progress(f"grade {bench.name}", len(problems) * s.samples)
         return evaluate_problems(
             self.engine, self.tokenizer, problems, verifier, template=self.template, samples=s.samples,
-            temperature=1.0 if s.greedy else s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+            temperature=1.0 if s.greedy else s.temperature, top_p=s.top_p, max_new_tokens=s.eval_max_new_tokens,
             greedy=s.greedy, batch_prompts=s.batch_prompts, progress=gen_bar, normalize=bench.normalize,
             grade_progress=grade_bar,
         )
@@ -385,12 +385,14 @@ def log_to_mlflow(s: EvalSettings, result: EvalResult, experiment: str) -> str:
     from popo_core.tracking import Run
 
     p = result.protocol
+    # One name per knob: a setting popo train also has is logged under its train name.
     params = {"eval.benches": ",".join(r.bench.name for r in result.results), "eval.source": p.source,
-              "eval.limit": s.limit, "eval.extraction": p.extraction, "eval.grader": p.grader, "eval.seed": s.seed}
+              "eval.limit": s.limit, "eval.extraction": p.extraction, "eval.grader": p.grader, "eval.timeout": s.timeout,
+              "trainer.seed": s.seed}
     if s.model:
-        params |= {"eval.template": p.template, "eval.samples": s.samples, "eval.temperature": s.temperature,
-                   "eval.top_p": s.top_p, "eval.max_new_tokens": s.max_new_tokens, "eval.engine": s.engine,
-                   "eval.tensor_parallel_size": s.tensor_parallel_size}
+        params |= {"model.template": p.template, "eval.samples": s.samples, "rollout.temperature": s.temperature,
+                   "rollout.top_p": s.top_p, "rollout.eval_max_new_tokens": s.eval_max_new_tokens,
+                   "rollout.engine": s.engine, "rollout.tensor_parallel_size": s.tensor_parallel_size}
     name = f"eval-{Path(s.model).name if s.model else Path(s.responses or '').stem}"
     with Run(uri=s.tracking_uri, experiment=experiment, run_name=name, parent_run_id=s.run_id,
              tags={"popo.kind": "eval"}) as run:

@@ -190,3 +190,7 @@ def test_tiny_model_end_to_end_on_cpu(evaldir, mlflow_store):
     (run,) = find_runs(f"sqlite:///{evaldir}/mlflow.db", "popo")
     assert {"math500/accuracy", "math500/pass_at_1", "math500/pass_at_4", "math500/maj_at_4"} <= set(run.data.metrics)
     assert run.data.params["eval.samples"] == "4" and run.data.tags["popo.kind"] == "eval"
+    # One name per knob: settings popo train has too are logged under their train names.
+    params = run.data.params
+    assert params["rollout.temperature"] == "1.0" and params["rollout.eval_max_new_tokens"] == "16"
+    assert params["rollout.engine"] == "hf" and params["model.template"] == "plain" and "eval.max_new_tokens" not in params

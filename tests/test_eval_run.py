@@ -48,7 +48,7 @@ def test_settings_checks():
         dict(model="tiny", samples=2, temperature=0.0),  # greedy K > 1 repeats one response
         dict(model="tiny", temperature=-1.0),
         dict(model="tiny", top_p=0.0),
-        dict(model="tiny", max_new_tokens=0),
+        dict(model="tiny", eval_max_new_tokens=0),
         dict(model="tiny", timeout=0),
         dict(model="tiny", workers=-1),
         dict(model="tiny", engine="tgi"),
@@ -60,7 +60,7 @@ def test_settings_checks():
 
 
 def test_protocol_lines_name_every_setting():
-    s = EvalSettings(["aime24"], model="qwen-math-7b", samples=8, temperature=0.6, top_p=0.95, max_new_tokens=2048)
+    s = EvalSettings(["aime24"], model="qwen-math-7b", samples=8, temperature=0.6, top_p=0.95, eval_max_new_tokens=2048)
     text = "\n".join(make_protocol(s, "math-verify 0.9.0, 5 s per answer", "qwen-math").lines())
     for part in ("qwen-math", "temperature 0.6", "top_p 0.95", "8 samples", "max_new_tokens 2048", "\\boxed{}", "math-verify"):
         assert part in text
