@@ -231,7 +231,7 @@ def _run_synthetic(s: EvalSettings, names: list[str], others: list[str], progres
     """Synthetic tasks (popo_core.synthetic_eval): their held-out prompts, graded by their verifier."""
     import dataclasses
 
-    from popo_core.rewards import make_verifier
+    from popo_core.tasks import make_verifier
 
     if others:
         raise ConfigError(f"--bench {names[0]} is a synthetic task: evaluate it on its own, not with {others[0]}")

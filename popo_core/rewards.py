@@ -59,20 +59,6 @@ class FinalAnswer:
         pass
 
 
-def make_verifier(task: str, **kwargs) -> Verifier:
-    """`tiny` -> exact match; `arith` -> exact final answer; `math` -> math-verify in a process pool
-    (popo_core.grading)."""
-    if task == "tiny":
-        return ExactMatch()
-    if task == "arith":
-        return FinalAnswer()
-    if task == "math":
-        from popo_core.grading import MathVerifier
-
-        return MathVerifier(**kwargs)
-    raise ValueError(f"unknown task {task!r} (tiny | arith | math)")
-
-
 def grade_counts(grades: Sequence[Grade]) -> dict[str, int]:
     counts = {s: 0 for s in STATUSES}
     for g in grades:

@@ -20,13 +20,13 @@ from popo_core.evaluate import evaluate_problems
 from popo_core.models import load_model_and_tokenizer, resolve_device, resolve_dtype
 from popo_core.networks import add_lora, momentum_network, reference_network
 from popo_core.objective import build_objective
-from popo_core.rewards import grade_counts, make_verifier
+from popo_core.rewards import grade_counts
 from popo_core.rollout import Rollouts, make_engine
 from popo_core.rollout.sampling import prompt_keys
 from popo_core.rollout.sharded import ShardedEngine
 from popo_core.run import Callbacks, TrainingRun, TrainResult  # noqa: F401  (re-exported)
 from popo_core.siamese import Predictor
-from popo_core.tasks import load_task
+from popo_core.tasks import load_task, make_verifier
 from popo_core.update import Batch, Learner, TrainingAborted, update  # noqa: F401  (re-exported)
 
 

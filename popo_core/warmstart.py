@@ -203,7 +203,7 @@ def greedy_accuracy(model, tokenizer, problems, task: str, *, template: str, max
     if not problems:
         return None
     from popo_core.evaluate import evaluate_problems
-    from popo_core.rewards import make_verifier
+    from popo_core.tasks import make_verifier
     from popo_core.rollout.hf import HFEngine
 
     report = evaluate_problems(HFEngine(model, tokenizer), tokenizer, problems, make_verifier(task),

@@ -16,7 +16,8 @@ from popo_core.grading import (
     strip_outer_braces,
     strip_thousands,
 )
-from popo_core.rewards import ExactMatch, make_verifier
+from popo_core.rewards import ExactMatch
+from popo_core.tasks import make_verifier
 
 TIMEOUT = 2
 MEGABYTE_OF_BRACES = "\\boxed{" + "{" * 500_000 + "}" * 500_000 + "}"

@@ -10,7 +10,8 @@ import pytest
 from popo_core import tasks
 from popo_core.config import ConfigError, DataConfig, compose
 from popo_core.data import tiny_split
-from popo_core.rewards import ExactMatch, FinalAnswer, make_verifier
+from popo_core.rewards import ExactMatch, FinalAnswer
+from popo_core.tasks import make_verifier
 
 
 def arith(**kw) -> DataConfig:

@@ -27,6 +27,9 @@ class Rollouts:
 
 
 class Engine(Protocol):
+    pad_id: int  # the token id that pads prompts and completions
+    suppress: list[int]  # special tokens never sampled (the trainer removes them from its log-probs too)
+
     def generate(
         self,
         prompt_ids: Sequence[Sequence[int]],
