@@ -152,12 +152,16 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 # --------------------------------------------------------------------------- around the update
 def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config, learner) -> float:
-    """Held-out greedy accuracy (the same pass as `popo eval`)."""
+    """Held-out greedy accuracy (the same pass as `popo eval`, with a packaged benchmark's normaliser)."""
+    from popo_core.benchmarks import BENCHMARKS
+
     r = cfg.rollout
+    bench = BENCHMARKS.get(cfg.data.eval_path or "")
+    extra = {"normalize": bench.normalize} if bench is not None and cfg.data.task == "math" else {}
     with learner.autocast():
         report = evaluate_problems(engine, tokenizer, problems, verifier, template=cfg.model.template,
                                    max_new_tokens=r.eval_max_new_tokens or r.max_new_tokens, greedy=True,
-                                   batch_prompts=256)
+                                   batch_prompts=256, **extra)
     return report.accuracy
 
 
