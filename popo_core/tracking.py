@@ -19,7 +19,9 @@ from popo_core.store_lock import init_lock
 
 T = TypeVar("T")
 DEFAULT_URI = "sqlite:///mlflow.db"
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|apikey|credential)", re.I)
+# Judged on a key's last dotted part: `hf_token`, `auth.token`, `db_password` are secrets;
+# `max_new_tokens` and `forward_tokens` are not.
+_SECRET_KEY = re.compile(r"(^|_)token$|secret|password|passwd|api_?key|credential", re.I)
 _URL_PASSWORD = re.compile(r"(//[^:/@]+:)[^@/]+@")
 
 
@@ -32,7 +34,7 @@ def redact(params: Mapping[str, Any]) -> dict[str, str]:
     """Params safe to log: secret-looking keys dropped, passwords in URLs masked."""
     out = {}
     for key, value in params.items():
-        if _SECRET_KEY.search(key):
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
             continue
         out[key] = _URL_PASSWORD.sub(r"\1***@", str(value))[:6000]
     return out

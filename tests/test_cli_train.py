@@ -94,8 +94,9 @@ def test_popo_train_tiny_learns(tmp_path, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["popo", "grpo", "dr_grpo", "rft", "raft_pp", "psr", "nsr", "w_reinforce"])
 def test_every_registered_method_trains_through_the_cli(tmp_path, algo):
-    proc = run_popo("train", "tiny", f"algo={algo}", *tiny_overrides(tmp_path, **{"trainer.diagnostics_every": 1}),
-                    cwd=tmp_path, timeout=300)
+    # Enough completions that every step has a positive and a negative (the untrained model is near chance).
+    knobs = {"trainer.diagnostics_every": 1, "rollout.prompts_per_step": 16, "rollout.group_size": 8}
+    proc = run_popo("train", "tiny", f"algo={algo}", *tiny_overrides(tmp_path, **knobs), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and "eval/accuracy" in rows[-1]
