@@ -12,11 +12,16 @@ token suppression in the log-probs (TRL's softmax is over the whole vocabulary).
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="TRL is not installed here (it is no popo dependency): "
-                                        "`.venv/bin/python benchmarks/vs_trl` builds it in benchmarks/.venv-trl and runs this file")
+# A skip mark, not a module-level importorskip: `pytest -m vllm` deselects these without a skip.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None,
+    reason="TRL is not installed here (it is no popo dependency): "
+           "`.venv/bin/python benchmarks/vs_trl` builds it in benchmarks/.venv-trl and runs this file")
 
 from popo_core.algos import group_advantages, policy_loss  # noqa: E402
 from popo_core.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
