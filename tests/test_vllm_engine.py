@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed
 
 from conftest import assert_one_line_error, run_popo
 from popo_core.config import ModelConfig, compose
@@ -145,6 +146,19 @@ def test_process_state_survives_a_start_that_breaks_threads_and_reseeds():
 
 
 # ------------------------------------------------------------------------------ real engine
+@needs_vllm
+def test_under_torchrun_is_refused_but_a_second_engine_is_not(monkeypatch):
+    """WORLD_SIZE > 1 (torchrun) is refused in one line; the one-process group vLLM's first engine
+    leaves behind does not make the next engine of the process look like torchrun."""
+    model, tok = tiny_model()
+    engine_for(model, tok)  # vLLM initialises torch.distributed (world size 1) in this process
+    assert torch.distributed.is_initialized()
+    engine_for(model, tok)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="under torchrun"):
+        engine_for(model, tok)
+
+
 @needs_vllm
 @pytest.mark.parametrize("reset", [True, False], ids=["prefix-cache-reset", "reset-removed"])
 def test_sampled_logprobs_equal_the_trainers_after_each_push(reset, monkeypatch):

@@ -207,12 +207,12 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         _quiet_vllm_logs()
         check_support(tensor_parallel_size=tensor_parallel_size, sleep_level=sleep_level, keys=keys)
-        import torch.distributed
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # vLLM in this process would set up its own process group over the trainer's.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # vLLM in this process would set up its own process group over the trainer's. (Not
+            # `is_initialized()`: vLLM's first engine leaves a one-process group of its own behind.)
             raise ConfigError(f"{keys['engine']}=vllm under torchrun (several processes) is not supported yet; use hf")
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
