@@ -151,9 +151,12 @@ def test_under_torchrun_is_refused_but_a_second_engine_is_not(monkeypatch):
     """WORLD_SIZE > 1 (torchrun) is refused in one line; the one-process group vLLM's first engine
     leaves behind does not make the next engine of the process look like torchrun."""
     model, tok = tiny_model()
-    engine_for(model, tok)  # vLLM initialises torch.distributed (world size 1) in this process
-    assert torch.distributed.is_initialized()
-    engine_for(model, tok)
+    first = engine_for(model, tok)
+    if not torch.distributed.is_initialized():  # vLLM's group may already be gone with an earlier engine
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    second = engine_for(model, tok)  # an initialised one-process group is not torchrun
+    assert first.generate([tok("1+2=").input_ids], n=1, temperature=1.0, max_new_tokens=2).completion_ids
+    assert second.generate([tok("1+2=").input_ids], n=1, temperature=1.0, max_new_tokens=2).completion_ids
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="under torchrun"):
         engine_for(model, tok)
