@@ -129,19 +129,13 @@ def save_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, state:
     `checkpoint.tmp/`, and rank 0 swaps it in once every rank is done. Resumes on the same
     number of ranks."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final, tmp, old = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.tmp", output_dir / f"{CHECKPOINT}.old"
     if ranks.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    content = {"model": model_state, "optim": optim_state}
-    if momentum is not None:
-        content["momentum"] = momentum.sharded_state_dict()
-    if predictor is not None:
-        content["predictor"] = predictor.state_dict()
+    content = _dcp_content(model, optimizer, momentum, predictor)
     dcp.save(content, checkpoint_id=str(tmp / "dcp"))
     torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng-{ranks.rank}.pt")
     ranks.barrier()
@@ -156,10 +150,23 @@ def save_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, state:
     return final
 
 
+def _dcp_content(model, optimizer, momentum, predictor) -> dict[str, Any]:
+    """What a sharded checkpoint holds, as DCP saves and loads it (in place)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    content = {"model": model_state, "optim": optim_state}
+    if momentum is not None:
+        content["momentum"] = momentum.sharded_state_dict()
+    if predictor is not None:
+        content["predictor"] = predictor.state_dict()
+    return content
+
+
 def restore_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, momentum=None,
                     predictor=None) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = output_dir / CHECKPOINT
     blob = torch.load(path / "scheduler.pt", weights_only=True)
@@ -168,12 +175,7 @@ def restore_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, mom
 
         raise ConfigError(f"trainer.output_dir={output_dir}: its checkpoint was written by {blob['world_size']} "
                           f"process(es); resume it with --nproc-per-node {blob['world_size']}")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    content = {"model": model_state, "optim": optim_state}
-    if momentum is not None:
-        content["momentum"] = momentum.sharded_state_dict()
-    if predictor is not None:
-        content["predictor"] = predictor.state_dict()
+    content = _dcp_content(model, optimizer, momentum, predictor)
     dcp.load(content, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=content["model"], optim_state_dict=content["optim"])
     if momentum is not None:
