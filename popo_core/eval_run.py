@@ -220,6 +220,11 @@ def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalR
                 report = model.evaluate(bench, limited[bench.name], verifier, progress)
             summary = summarize(report, bench.name, missing=missing, seed=s.seed)
             result.results.append(BenchResult(bench, bm.source(bench, s.data), report, summary))
+    return _finish(s, result, experiment)
+
+
+def _finish(s: EvalSettings, result: EvalResult, experiment: str | None) -> EvalResult:
+    """Write the output files and the MLflow run, where asked for."""
     if s.output:
         result.output = write_outputs(result, Path(s.output))
     if experiment:
@@ -253,11 +258,7 @@ def _run_synthetic(s: EvalSettings, names: list[str], others: list[str], progres
         problems = problems[: s.limit] if s.limit else problems
         report = model.evaluate(bench, problems, make_verifier(name), progress)
         result.results.append(BenchResult(bench, src, report, summarize(report, name, seed=s.seed)))
-    if s.output:
-        result.output = write_outputs(result, Path(s.output))
-    if experiment:
-        result.run_id = log_to_mlflow(s, result, experiment)
-    return result
+    return _finish(s, result, experiment)
 
 
 def _match_all(s: EvalSettings, benches, problem_sets, limited) -> dict[str, tuple[list[Problem], list[list[str]], int]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from popo_core import benchmarks as bm
-from popo_core.errors import ConfigError, DataError
+from popo_core.errors import ConfigError, DataError, first_line
 
 
 def split_names(names: list[str]) -> tuple[list[str], list[str]]:
@@ -56,7 +56,7 @@ def data_settings(task: str, model: str | None):
     try:
         d: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), raw))  # type: ignore[assignment]
     except Exception as err:  # omegaconf's errors for a hand-edited file
-        raise DataError(f"{where}: cannot read its data settings ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{where}: cannot read its data settings ({first_line(err)})") from None
     if d.task != task:
         raise ConfigError(f"--model {model}: trained on data.task={d.task} ({where}); --bench {task} needs a model "
                           f"trained on {task}")
