@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from popo_core.errors import ConfigError
-from popo_core.rollout import Rollouts, cut_at_eos, eos_ids, suppressed_ids
+from popo_core.rollout import VLLM_SETTINGS, Rollouts, cut_at_eos, eos_ids, suppressed_ids
 
 # On CPU the KV cache must be sized explicitly: the default share of RAM minus this process's
 # resident memory fails for a second engine in the same process (PITFALLS.md).
@@ -31,8 +31,7 @@ CPU_KV_CACHE_BYTES = 256 * 2**20
 
 # Keys as the user writes them, for the one-line errors: rollout.* for `popo train`; `popo eval`
 # passes its flags.
-TRAIN_KEYS = {k: f"rollout.{k}" for k in ("engine", "tensor_parallel_size", "sleep_level", "gpu_memory_utilization",
-                                          "kv_cache_memory_bytes", "max_model_len", "enforce_eager")}
+TRAIN_KEYS = {k: f"rollout.{k}" for k in ("engine", *VLLM_SETTINGS)}
 
 
 class WeightPushError(RuntimeError):
