@@ -124,15 +124,16 @@ def saved_activation_bytes(arch: Arch, batch: int, prompt: int, completion: int,
     log-sum-exp keep in fp32. With checkpointing only each layer's input (h * p) stays.
     """
     h, kv, f, L = arch.hidden, arch.kv_dim, arch.intermediate, arch.layers
-    seq = prompt + completion
+    seq = prompt + completion - 1  # the last completion token predicts nothing: not forwarded
     tokens = batch * seq
     layer = p * (6 * h + 2 * kv + 4 * f) + 4 * (2 * h + 2 + arch.heads)
     stack = tokens * (L * (h * p if checkpointing else layer))
     # Input ids (int64), the final norm (fp32 input, rstd, output), RoPE cos/sin (shared by the batch).
-    stack += tokens * (8 + 4 * h + 4 + 2 * h * p) + (0 if checkpointing else 2 * seq * arch.head_dim * p)
-    # Completion positions only: gather index and mask, hidden states into the head, log-softmax (fp32), targets.
+    stack += tokens * (8 + 4 * h + 4 + h * p) + (0 if checkpointing else 2 * seq * arch.head_dim * p)
+    # Completion positions only (distinct ones, popo_core/policy.py): the states' index, hidden states
+    # into the head, log-softmax (fp32), the tokens' index into it and targets (int64), the mask.
     n = batch * completion
-    head = n * (8 + 1) + n * (h * p + 4 * arch.vocab + 8)
+    head = n * (8 + h * p + 4 * arch.vocab + 8 + 8 + 1)
     return stack, head
 
 

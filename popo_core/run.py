@@ -21,6 +21,7 @@ from popo_core.config import Config, ConfigError, to_flat_dict, to_yaml
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.eval_every", "trainer.save_every", "trainer.diagnostics_every",
                      "trainer.threads", "trainer.device", "trainer.resume", "trainer.output_dir")
 HISTORY_KEYS = ("reward/mean", "eval/accuracy")  # kept in the checkpoint for curves and summaries
+MLFLOW_FLUSH_S = 5.0  # MLflow gets the step metrics in batches this often, and at every checkpoint and the end
 
 
 @dataclass
@@ -120,7 +121,8 @@ class TrainingRun:
         t = cfg.tracking
         tags = {"popo.preset": cfg.preset, "popo.algo": cfg.algo.name, "popo.output_dir": str(out.resolve())}
         self._mlflow = Run(uri=t.uri, experiment=t.experiment, enabled=t.enabled, run_id=self.state["run_id"],
-                           run_name=t.run_name or out.name, parent_run_id=t.parent_run_id, tags=tags)
+                           run_name=t.run_name or out.name, parent_run_id=t.parent_run_id, tags=tags,
+                           flush_every_s=MLFLOW_FLUSH_S)
         if self.state["run_id"] is None:
             params = to_flat_dict(cfg) | {"model.parameters": sum(p.numel() for p in learner.model.parameters())}
             self._mlflow.log_params(params)
@@ -177,6 +179,8 @@ class TrainingRun:
 
     def save(self) -> None:
         learner = self.learner
+        if self._mlflow is not None:  # MLflow holds every step up to the checkpoint a resume starts from
+            self._mlflow.flush()
         self.state["counters"] = asdict(learner.counters)
         if self.ranks.distributed:
             checkpoint.save_sharded(self.output_dir, ranks=self.ranks, model=learner.model, optimizer=learner.optimizer,

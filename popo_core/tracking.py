@@ -84,9 +84,15 @@ class Run:
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
         enabled: bool = True,
+        flush_every_s: float = 0.0,
     ):
         self.enabled = enabled
         self.run_id = run_id
+        # Metrics are sent in batches at most this often (and by flush() and finish()): a write to
+        # the store costs more than a tiny model's training step.
+        self.flush_every_s = flush_every_s
+        self._pending: list = []
+        self._flushed_at = time.monotonic()
         if not enabled:
             return
         self.client = ready_client(uri)
@@ -124,9 +130,16 @@ class Run:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the metrics logged since the last flush."""
+        items, self._pending = self._pending, []
         for start in range(0, len(items), 500):
             _retry(lambda: self.client.log_batch(self.run_id, metrics=items[start : start + 500]))
+        self._flushed_at = time.monotonic()
 
     def last_step(self, key: str) -> int:
         """The highest step at which this run holds metric `key` (-1 if none)."""
@@ -155,6 +168,7 @@ class Run:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
+            self.flush()
             _retry(lambda: self.client.set_terminated(self.run_id, status=status))
 
 

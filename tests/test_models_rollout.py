@@ -91,3 +91,19 @@ def test_greedy_is_deterministic(tiny):
     a = engine.generate(prompts, greedy=True, max_new_tokens=4)
     b = engine.generate(prompts, greedy=True, max_new_tokens=4)
     assert a.completion_ids == b.completion_ids
+
+
+@pytest.mark.parametrize("max_new_tokens,greedy", [(1, False), (6, False), (6, True)])
+def test_shared_prefill_samples_what_a_separate_prefill_samples(tiny, max_new_tokens, greedy):
+    """Each distinct prompt's KV cache is computed once and copied to its n rows: the samples and
+    their log-probs are those of prefilling every row (prompts of several lengths: left padding)."""
+    model, tok = tiny
+    prompts = [tok(t).input_ids for t in ["1+2=", "33+4=", "5=", "9+9+9="]]
+    kwargs = dict(n=5, max_new_tokens=max_new_tokens, greedy=greedy, seeds=[11, 12, 13, 14])
+    shared = HFEngine(model, tok).generate(prompts, **kwargs)
+    separate = HFEngine(model, tok, shared_prefill=False).generate(prompts, **kwargs)
+    assert shared.completion_ids == separate.completion_ids and shared.texts == separate.texts
+    for a, b in zip(shared.logprobs, separate.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+    if not greedy:
+        assert len({tuple(c) for c in shared.completion_ids}) > 4  # the rows of a prompt did not all copy one

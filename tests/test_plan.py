@@ -191,7 +191,9 @@ def test_saved_activations_match_the_plan_exactly(dtype, checkpointing, kv_heads
         model.config.use_cache = False
     model.train()
     batch, prompt, completion = 3, 5, 7
-    seqs = collate([[5] * prompt] * batch, [[6] * completion] * batch, 0, "cpu")
+    # Distinct rows (repeated ones are forwarded once: popo_core/policy.py); the plan is for those.
+    seqs = collate([[5 + b] + [5] * (prompt - 1) for b in range(batch)], [[6] * completion] * batch, 0, "cpu")
+    assert seqs.input_ids.shape == (batch, prompt + completion - 1)
     stack, head = P.saved_activation_bytes(arch, batch, prompt, completion, dtype.itemsize, checkpointing)
     assert _saved_bytes(model, seqs) == stack + head
 

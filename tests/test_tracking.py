@@ -20,3 +20,30 @@ def test_ordinary_knobs_are_kept(key):
 def test_passwords_in_urls_are_masked():
     out = redact({"sweep.storage": "postgresql://popo:hunter2@db:5432/optuna"})
     assert out == {"sweep.storage": "postgresql://popo:***@db:5432/optuna"}
+
+
+def test_batched_metrics_reach_the_store_on_flush_and_on_a_crash(tmp_path):
+    from popo_core.tracking import Run, client
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(RuntimeError):
+        with Run(uri=uri, experiment="t", flush_every_s=3600) as run:
+            for step in range(1, 4):
+                run.log_metrics({"reward/mean": step / 10}, step)
+            c = client(uri)
+            assert c.get_metric_history(run.run_id, "reward/mean") == []  # held back, not yet sent
+            run.flush()
+            assert [m.step for m in c.get_metric_history(run.run_id, "reward/mean")] == [1, 2, 3]
+            run.log_metrics({"reward/mean": 0.4}, 4)
+            raise RuntimeError("crash")
+    assert sorted(m.step for m in c.get_metric_history(run.run_id, "reward/mean")) == [1, 2, 3, 4]
+    assert c.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_unbatched_metrics_are_sent_at_once(tmp_path):
+    from popo_core.tracking import Run, client
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = Run(uri=uri, experiment="t")
+    run.log_metrics({"x": 1.0}, 0)
+    assert [m.value for m in client(uri).get_metric_history(run.run_id, "x")] == [1.0]

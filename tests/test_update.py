@@ -129,8 +129,10 @@ def test_one_step_through_the_trainer_is_the_methods_gradient(case, tmp_path):
         got = grads(learner)
         total = sums["loss/policy"] + cfg.algo.penalty_weight * sums["penalty"]
         assert total == pytest.approx(expected_loss, rel=1e-9, abs=1e-12), micro
+        # Float64, but Qwen2's RMSNorm computes in fp32: the micro-batches fold repeated rows
+        # differently (popo_core/policy.py), so their gradients meet before or after that rounding.
         for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-12)
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7 * float(e.abs().max()))
 
 
 def test_wrong_denominator_would_be_caught(tmp_path):

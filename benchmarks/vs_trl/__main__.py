@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -99,7 +100,9 @@ def save_model(shape: Shape, seed: int, where: Path) -> tuple[Path, str]:
     from popo_core.models import load_model_and_tokenizer, save_policy
     from trl_side import weights_digest
 
-    cfg = compose_popo(shape, "grpo", shape.steps)
+    from popo_core import warmstart
+
+    cfg = warmstart.ensure(compose_popo(shape, "grpo", shape.steps))  # arith: its cached warm start, built if need be
     path = where / f"model-{shape.preset}-seed{seed}"
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=torch.device("cpu"), seed=seed, dtype=torch.float32)
     if not (path / "config.json").exists():
@@ -170,7 +173,8 @@ def one_run(tool: str, method: str, shape: Shape, lr: float, seed: int, steps: i
             tasks: dict) -> dict:
     name = f"{shape.name}-{tool}-{method}-lr{lr:g}-seed{seed}"
     work = out / "work" / name
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a run without its record was cut short: timed again from scratch
+    work.mkdir(parents=True)
     env = child_env(out)
     if tool == "popo":
         cmd = [str(POPO_BIN / "popo"), "train", shape.preset, f"algo={method}", *shape.popo_overrides(steps),
@@ -224,9 +228,9 @@ def main() -> None:
             tasks[shape.name] = task_spec(shape, args.steps or shape.steps)
             for seed in range(args.seeds):
                 models[(shape.preset, seed)] = save_model(shape, seed, args.out)
-        for lr in lrs:
+        for lr in dict.fromkeys([*lrs, *(x for s in shapes for x in s.lrs or ())]):
             for seed in range(args.seeds):
-                for shape in shapes:
+                for shape in (s for s in shapes if lr in (s.lrs or lrs)):
                     order = METHODS[seed % 3:] + METHODS[:seed % 3]  # rotate which tool goes first
                     for tool, method in order:
                         steps = args.steps or shape.steps

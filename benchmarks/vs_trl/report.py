@@ -153,7 +153,9 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
              f"against TRL's own `compute_loss` and advantages, within 1e-6): **{meta.get('cross_check', 'not run')}**. "
              f"`popo --help`, best of 5 in the same session: {fmt(meta.get('help_s', float('nan')), 2)} s.", ""]
     summary = []
+    all_lrs = lrs
     for shape in shapes:
+        lrs = list(shape.lrs or all_lrs)
         n_opt = shape.optimizer_steps_per_rollout
         timed = {k: [r for r in runs if r["shape"] == shape.name and (r["tool"], r["method"]) == k and r["lr"] == lrs[0]]
                  for k in ORDER}
@@ -199,8 +201,9 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
         lines.append("")
         summary.append((shape, {k: (t[k]["wall"]["median"] / trl["wall"]["median"], t[k]["wall"]["mean"] / trl["wall"]["mean"])
                                 for k in ORDER[:2]}))
-        lines += efficiency_section(runs, shape, lrs, n_opt, img)
-    tta = time_to_accuracy_png(runs, shapes, lrs, img)
+        if not shape.timing_only:
+            lines += efficiency_section(runs, shape, lrs, n_opt, img)
+    tta = time_to_accuracy_png(runs, [s for s in shapes if not s.timing_only], all_lrs, img)
     lines += ["## Time to accuracy", "", f"![wall time to held-out accuracy 0.5 and 0.9](img/{tta.name})", ""]
     lines += ["## What still differs", "", DIFFERENCES]
     results.write_text("\n".join(lines) + "\n")
@@ -224,7 +227,7 @@ def best_lr(runs: list[dict], shape, key, lrs, n_opt) -> tuple[float | None, dic
 
 def efficiency_section(runs, shape, lrs, n_opt, img: Path) -> list[str]:
     lines = [f"### Sample efficiency: {shape.name}", "",
-             f"Held-out greedy accuracy (all 100 prompts, popo's evaluation for both tools) every {shape.eval_every} "
+             f"Held-out greedy accuracy (all held-out prompts, popo's evaluation for both tools) every {shape.eval_every} "
              f"rollout steps. Each method at its best learning rate of {{{', '.join(f'{x:g}' for x in lrs)}}} (highest "
              f"mean accuracy over the evaluations, i.e. area under the curve, averaged over seeds). Steps and "
              f"wall time (from the command's start, start-up included) until accuracy first reaches the "

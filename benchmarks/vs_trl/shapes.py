@@ -25,6 +25,8 @@ class Shape:
     steps: int  # rollout steps
     eval_every: int  # rollout steps between held-out evaluations
     overrides: tuple[str, ...] = field(default=())  # further popo overrides (data, model)
+    lrs: tuple[float, ...] | None = None  # this shape's learning rates, instead of the command's --lrs
+    timing_only: bool = False  # too short to learn: no sample-efficiency table
 
     @property
     def optimizer_steps_per_rollout(self) -> int:
@@ -56,7 +58,11 @@ SHAPES: dict[str, Shape] = {
         Shape("preset", "tiny preset: 96 x 8 per rollout, 2 passes x 3 mini-batches",
               preset="tiny", prompts=96, group_size=8, max_new_tokens=1, epochs=2, mini_batches=3, steps=150,
               eval_every=5),
-        # The multi-token `arith` testbed goes here once it is on main, e.g.
-        # Shape("arith", "...", preset="arith", prompts=..., group_size=8, max_new_tokens=..., ...),
+        # The multi-token testbed (docs/testbed.md), from its warm start (the same weights for every
+        # seed), at its preset's lr: 1e-3 and 3e-3 wreck the warm start within a few steps. Short:
+        # it is here for the cost of multi-token steps (padding, generation length), not to learn.
+        Shape("arith", "arith testbed: 64 x 8 completions of up to 48 tokens, 1 pass x 2 mini-batches",
+              preset="arith", prompts=64, group_size=8, max_new_tokens=48, epochs=1, mini_batches=2, steps=10,
+              eval_every=10, lrs=(1e-4,), timing_only=True),
     )
 }

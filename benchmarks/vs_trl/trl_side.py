@@ -27,7 +27,7 @@ def main(spec_path: str) -> None:
 
     from popo_core.data import Problem
     from popo_core.evaluate import evaluate_problems
-    from popo_core.rewards import make_verifier
+    from popo_core.tasks import make_verifier
     from popo_core.rollout.hf import HFEngine
 
     # PITFALLS.md: AutoTokenizer on a qwen2 directory returns a byte-level tokenizer; load the local one as itself.

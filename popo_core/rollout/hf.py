@@ -6,6 +6,7 @@ shared the prompts. Greedy decoding is plain argmax."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -15,8 +16,9 @@ from popo_core.rollout.sampling import GumbelSampler, row_keys
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, *, batch_size: int = 512):
+    def __init__(self, model, tokenizer, *, batch_size: int = 512, shared_prefill: bool = True):
         self.model = model
+        self.shared_prefill = shared_prefill
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.eos = eos_ids(model, tokenizer)
@@ -68,6 +70,7 @@ class HFEngine:
                 out = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=attention,
+                    **self._shared_prefill(chunk, input_ids, attention),
                     do_sample=False,  # the sampler draws; decoding takes its choice
                     max_new_tokens=max_new_tokens,
                     min_new_tokens=0,
@@ -89,5 +92,31 @@ class HFEngine:
                     logprobs.append(row_lp[: len(toks)])
         finally:
             self.model.train(was_training)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollouts(expanded, completions, texts, groups, truncated, logprobs)
+        return Rollouts(expanded, completions, decode(self.tokenizer, completions), groups, truncated, logprobs)
+
+    def _shared_prefill(self, chunk: list[list[int]], input_ids, attention) -> dict:
+        """generate()'s cache argument holding the prompts' KV cache but for their last token, each
+        distinct prompt computed once and the cache then copied to its rows (a group's n samples
+        share one prompt; vLLM's prefix cache does the same); {} when no prompt repeats."""
+        first = {tuple(p): i for i, p in reversed(list(enumerate(chunk)))}
+        if len(first) == len(chunk) or input_ids.shape[1] < 2 or not self.shared_prefill:
+            return {}
+        from transformers import DynamicCache
+
+        rows = torch.tensor(list(first.values()), device=input_ids.device)
+        slot = {p: k for k, p in enumerate(first)}
+        ids, mask = input_ids[rows, :-1], attention[rows, :-1]
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() derives them from the mask
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache = DynamicCache(config=self.model.config)
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
+        cache.batch_select_indices(torch.tensor([slot[tuple(p)] for p in chunk], device=input_ids.device))
+        return {name: cache}
+
+
+def decode(tokenizer, completions: list[list[int]]) -> list[str]:
+    """The completions' texts, each distinct completion decoded once (a group often repeats one)."""
+    distinct = list(dict.fromkeys(map(tuple, completions)))
+    text = dict(zip(distinct, tokenizer.batch_decode([list(c) for c in distinct], skip_special_tokens=True)))
+    return [text[tuple(c)] for c in completions]
