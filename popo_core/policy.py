@@ -88,7 +88,7 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _backbone(model):
+def backbone(model):
     """The decoder stack whose output feeds the LM head (after the final norm)."""
     base = _base(model)
     return getattr(base, base.base_model_prefix)
@@ -100,7 +100,7 @@ def _sampler_log_probs(model, h: Tensor, temperature: float, suppress_ids: Seque
     base = _base(model)
     if getattr(base.config, "tie_word_embeddings", False):
         # The input embedding as it is now: under FSDP2, gathered with the backbone's parameters.
-        logits = torch.nn.functional.linear(h, _backbone(model).get_input_embeddings().weight)
+        logits = torch.nn.functional.linear(h, backbone(model).get_input_embeddings().weight)
     else:
         logits = base.get_output_embeddings()(h)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 logits lose digits
@@ -151,6 +151,6 @@ def completion_logprobs_and_entropy(
 
 def _flat_states(model, seqs: Sequences) -> Tensor:
     """[U * L, H] last hidden states (after the final norm) of the distinct inputs, row-major."""
-    out = _backbone(model)(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, use_cache=False)
+    out = backbone(model)(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, use_cache=False)
     states = out.last_hidden_state
     return states.reshape(-1, states.shape[-1])

@@ -107,3 +107,23 @@ def test_shared_prefill_samples_what_a_separate_prefill_samples(tiny, max_new_to
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
     if not greedy:
         assert len({tuple(c) for c in shared.completion_ids}) > 4  # the rows of a prompt did not all copy one
+
+
+def test_shared_prefill_through_a_peft_model():
+    from popo_core.config import compose
+    from popo_core.networks import add_lora
+
+    torch.manual_seed(0)
+    cfg = compose("tiny", ["model.lora.rank=8"])
+    model, tok = load_model_and_tokenizer(cfg.model, device=torch.device("cpu"))
+    model = add_lora(model, cfg.model.lora)
+    with torch.no_grad():  # a live adapter: lora_B starts at zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    prompts = [tok(t).input_ids for t in ["1+2=", "33+4=", "5="]]
+    shared = HFEngine(model, tok).generate(prompts, n=4, max_new_tokens=5, seeds=[1, 2, 3])
+    separate = HFEngine(model, tok, shared_prefill=False).generate(prompts, n=4, max_new_tokens=5, seeds=[1, 2, 3])
+    assert shared.completion_ids == separate.completion_ids
+    for a, b in zip(shared.logprobs, separate.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)

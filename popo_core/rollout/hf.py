@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from popo_core.rollout import Rollouts, cut_at_eos, eos_ids, suppressed_ids
+from popo_core.policy import backbone
 from popo_core.rollout.sampling import GumbelSampler, row_keys
 
 
@@ -107,10 +108,10 @@ class HFEngine:
         slot = {p: k for k, p in enumerate(first)}
         ids, mask = input_ids[rows, :-1], attention[rows, :-1]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() derives them from the mask
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        decoder = backbone(self.model)  # transformers 5.24 names the argument `cache`, earlier `past_key_values`
+        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
         cache = DynamicCache(config=self.model.config)
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
+        decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{name: cache})
         cache.batch_select_indices(torch.tensor([slot[tuple(p)] for p in chunk], device=input_ids.device))
         return {name: cache}
 
