@@ -163,6 +163,7 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
              f"against TRL's own `compute_loss` and advantages, within 1e-6): **{meta.get('cross_check', 'not run')}**. "
              f"`popo --help`, best of 5 in the same session: {fmt(meta.get('help_s', float('nan')), 2)} s.", ""]
     summary = []
+    summary_at = len(lines)
     all_lrs = lrs
     for shape in shapes:
         lrs = list(shape.lrs or all_lrs)
@@ -213,6 +214,7 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
                                 for k in ORDER[:2]}))
         if not shape.timing_only:
             lines += efficiency_section(runs, shape, lrs, n_opt, img)
+    lines[summary_at:summary_at] = targets_section(summary)
     learning = [s for s in shapes if not s.timing_only]
     if learning:
         tta = time_to_accuracy_png(runs, learning, all_lrs, img)
@@ -223,6 +225,27 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
     for shape, r in summary:
         print(f"{shape.name}: step time popo/TRL (median, mean): POPO {r[('popo', 'popo')][0]:.2f}x {r[('popo', 'popo')][1]:.2f}x,"
               f" GRPO {r[('popo', 'grpo')][0]:.2f}x {r[('popo', 'grpo')][1]:.2f}x")
+
+
+# The speed targets popo holds itself to (popo / TRL GRPO, at the first learning rate).
+TARGETS = (("matched", ("popo", "popo"), 0, 0.35, "popo POPO, median time per rollout step"),
+           ("matched", ("popo", "grpo"), 0, 0.6, "popo GRPO, median time per rollout step"),
+           ("preset", ("popo", "popo"), 1, 0.6, "popo POPO, mean time per rollout step over the whole run"))
+
+
+def targets_section(summary) -> list[str]:
+    got = {shape.name: r for shape, r in summary}
+    lines = ["## Targets", "", "| shape | what | target | measured | |", "|---|---|---|---|---|"]
+    for shape, key, which, target, what in TARGETS:
+        if shape in got:
+            value = got[shape][key][which]
+            lines.append(f"| {shape} | {what} | <= {target:.2f}x | {value:.2f}x | {'met' if value <= target else 'not met'} |")
+    for name, r in got.items():
+        if name not in {t[0] for t in TARGETS}:
+            lines.append(f"| {name} | popo POPO, popo GRPO: median (mean) time per rollout step | none | "
+                         f"{r[('popo', 'popo')][0]:.2f}x ({r[('popo', 'popo')][1]:.2f}x), "
+                         f"{r[('popo', 'grpo')][0]:.2f}x ({r[('popo', 'grpo')][1]:.2f}x) | |")
+    return lines + [""]
 
 
 def best_lr(runs: list[dict], shape, key, lrs, n_opt) -> tuple[float | None, dict]:
