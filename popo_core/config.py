@@ -175,6 +175,7 @@ class TrackingConfig:
     experiment: str = "popo"
     run_name: Optional[str] = None
     parent_run_id: Optional[str] = None  # set by sweep/ablate to nest the run
+    flush_every_s: float = 5.0  # step metrics go to MLflow in batches this often (and at checkpoints, the end)
 
 
 @dataclass
@@ -319,6 +320,8 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _check(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "must be >= 1")
     _check(t.max_nonfinite >= 1, "trainer.max_nonfinite", t.max_nonfinite, "must be >= 1")
+    flush = cfg.tracking.flush_every_s
+    _check(flush >= 0.0, "tracking.flush_every_s", flush, "must be >= 0 (0: every step at once)")
     from popo_core.tasks import TASKS  # torch-free
 
     _choice("data.task", d.task, tuple(TASKS))

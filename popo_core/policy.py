@@ -7,7 +7,7 @@ starts with it. So the rows of a batch are folded onto the distinct sequences no
 extends (a group's repeated completions, or all of a group when completions are one token long),
 and only the distinct positions that predict completion tokens go through the LM head, so a 150k
 vocabulary costs [distinct completion tokens, V]. The result, and its gradient, is that of
-forwarding every row on its own.
+forwarding every row on its own (with dropout in training, folded rows share one dropout mask).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def fold(inputs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list
 
 def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device) -> Sequences:
     # Built as padded Python lists and converted once: a tensor per row costs more than the model.
+    if not all(prompts):
+        raise ValueError("collate: an empty prompt (a completion's first token needs a position before it)")
     inputs = [tuple(p) + tuple(c[:-1]) for p, c in zip(prompts, completions)]
     kept, owner = fold(inputs)
     width = max(max(len(s) for s in kept), 1)

@@ -21,7 +21,6 @@ from popo_core.config import Config, ConfigError, to_flat_dict, to_yaml
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.eval_every", "trainer.save_every", "trainer.diagnostics_every",
                      "trainer.threads", "trainer.device", "trainer.resume", "trainer.output_dir")
 HISTORY_KEYS = ("reward/mean", "eval/accuracy")  # kept in the checkpoint for curves and summaries
-MLFLOW_FLUSH_S = 5.0  # MLflow gets the step metrics in batches this often, and at every checkpoint and the end
 
 
 @dataclass
@@ -122,7 +121,7 @@ class TrainingRun:
         tags = {"popo.preset": cfg.preset, "popo.algo": cfg.algo.name, "popo.output_dir": str(out.resolve())}
         self._mlflow = Run(uri=t.uri, experiment=t.experiment, enabled=t.enabled, run_id=self.state["run_id"],
                            run_name=t.run_name or out.name, parent_run_id=t.parent_run_id, tags=tags,
-                           flush_every_s=MLFLOW_FLUSH_S)
+                           flush_every_s=t.flush_every_s)
         if self.state["run_id"] is None:
             params = to_flat_dict(cfg) | {"model.parameters": sum(p.numel() for p in learner.model.parameters())}
             self._mlflow.log_params(params)

@@ -7,6 +7,7 @@ open while trials log nested runs. SQLite stores shared by several processes can
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -135,10 +136,18 @@ class Run:
             self.flush()
 
     def flush(self) -> None:
-        """Send the metrics logged since the last flush."""
-        items, self._pending = self._pending, []
-        for start in range(0, len(items), 500):
-            _retry(lambda: self.client.log_batch(self.run_id, metrics=items[start : start + 500]))
+        """Send the metrics logged since the last flush, whole steps to a call: the store commits a
+        call at once, so a kill mid-flush leaves no step half-written (a resume goes by which steps
+        MLflow holds)."""
+        batches: list[list] = []
+        for _, step in itertools.groupby(self._pending, key=lambda m: m.step):
+            step = list(step)
+            if not batches or len(batches[-1]) + len(step) > 1000:  # MLflow's limit per call
+                batches.append([])
+            batches[-1] += step
+        self._pending = []
+        for batch in batches:
+            _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
         self._flushed_at = time.monotonic()
 
     def last_step(self, key: str) -> int:

@@ -38,6 +38,18 @@ def test_one_token_completions_of_a_group_are_one_forward():
     assert seqs.states.tolist() == [1, 2] and seqs.mask.sum() == 16
 
 
+def test_rows_of_different_prompts_fold_when_one_starts_the_other():
+    # [1, 2] + [3, 4] reads the states of [1, 2, 3] + [4, 5]'s input; [1, 2, 9] stays its own row.
+    seqs = collate([[1, 2], [1, 2, 3], [1, 2, 9]], [[3, 4], [4, 5], [6]], pad_id=0, device="cpu")
+    assert sorted(map(tuple, seqs.input_ids.tolist())) == [(1, 2, 3, 4), (1, 2, 9, 0)]
+    assert seqs.owner[0] == seqs.owner[1] != seqs.owner[2]
+
+
+def test_an_empty_prompt_is_refused():
+    with pytest.raises(ValueError, match="empty prompt"):
+        collate([[], [1]], [[2], [3]], pad_id=0, device="cpu")
+
+
 def rows_with_repeats(seed: int):
     rnd = random.Random(seed)
     prompts, completions = [], []
@@ -45,6 +57,9 @@ def rows_with_repeats(seed: int):
         prompt = [rnd.randint(3, 40) for _ in range(rnd.randint(2, 6))]
         group = [[rnd.randint(3, 40) for _ in range(rnd.randint(1, 6))] for _ in range(3)]
         group += [list(group[0]), group[1][:1], group[2] + [7, 8]]  # a repeat, a prefix, an extension
+        if prompts:  # a prompt that is another row's prompt + the start of its completion
+            prompts.append(prompts[0] + completions[0][:1])
+            completions.append([rnd.randint(3, 40) for _ in range(rnd.randint(1, 4))])
         for c in group:
             prompts.append(prompt)
             completions.append(c)

@@ -47,3 +47,20 @@ def test_unbatched_metrics_are_sent_at_once(tmp_path):
     run = Run(uri=uri, experiment="t")
     run.log_metrics({"x": 1.0}, 0)
     assert [m.value for m in client(uri).get_metric_history(run.run_id, "x")] == [1.0]
+
+
+def test_a_flush_sends_whole_steps_to_each_call(tmp_path):
+    """The store commits one call at once: no step may straddle two calls (a kill between them would
+    leave it half-written)."""
+    from popo_core.tracking import Run
+
+    run = Run(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t", flush_every_s=3600)
+    calls = []
+    send = run.client.log_batch
+    run.client.log_batch = lambda run_id, metrics: (calls.append([m.step for m in metrics]), send(run_id, metrics=metrics))
+    for step in range(40):
+        run.log_metrics({f"m{k}": float(k) for k in range(30)}, step)  # 1,200 metrics: more than one call holds
+    run.flush()
+    assert len(calls) == 2 and all(len(c) <= 1000 for c in calls)
+    assert sorted(s for c in calls for s in c) == sorted(s for s in range(40) for _ in range(30))
+    assert not set(calls[0]) & set(calls[1])  # each step in one call only
