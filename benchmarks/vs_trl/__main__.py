@@ -1,6 +1,6 @@
 """popo side by side with TRL's GRPOTrainer on the same model, task, batch shape and optimizer.
 
-    .venv/bin/python benchmarks/vs_trl                      # everything: 2 shapes x 3 methods x 2 lrs x 3 seeds
+    .venv/bin/python benchmarks/vs_trl                      # everything: 3 shapes x 3 methods x 3 seeds (2 lrs; arith 1)
     .venv/bin/python benchmarks/vs_trl --steps 4 --seeds 1 --lrs 1e-3 --out /tmp/vs_trl_smoke   # smoke test
     .venv/bin/python benchmarks/vs_trl --report-only         # tables and plots from the runs already made
 

@@ -155,7 +155,7 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
              "each command on one thread, the tools alternated run by run (the order rotated with the seed). "
              "Absolute seconds depend on the machine's load; the ratios popo / TRL are the result "
              "(< 1: popo faster).", "",
-             "Reproduce (about 90 minutes on 2 shared cores; runs are kept in `benchmarks/vs_trl_runs/` and "
+             "Reproduce (about 50 minutes on a shared 2-core machine; runs are kept in `benchmarks/vs_trl_runs/` and "
              "not redone; `--steps 4 --seeds 1 --lrs 1e-3 --out /tmp/smoke` is a 5-minute smoke test):", "",
              "```bash", meta.get("command", ".venv/bin/python benchmarks/vs_trl"), "```", "",
              f"TRL {meta.get('trl', '?')} (TRL version, torch) in `benchmarks/.venv-trl`, built by the script. "
