@@ -1,15 +1,22 @@
-"""The figures of docs/testbed.md from popo's own output files.
+"""The figures and tables of docs/testbed.md from popo's own output files.
 
     .venv/bin/python benchmarks/testbed_plots.py passk --out docs/img/testbed-passk.png \\
         "warm start=EVAL_DIR" "GRPO 250, seed 0=EVAL_DIR" ...
     .venv/bin/python benchmarks/testbed_plots.py curves --out docs/img/testbed-curves.png \\
         "POPO, seed 0=RUN_DIR" "GRPO, seed 0=RUN_DIR" ...
+    .venv/bin/python benchmarks/testbed_plots.py table --vs POPO \\
+        "warm start=EVAL_DIR" "POPO, seed 0=EVAL_DIR" "GRPO, seed 0=EVAL_DIR" ...
 
-Each run is LABEL=DIR. `passk`: DIR holds `popo eval --samples K`'s summary.json; pass@k on one axis
-(log-scale k) and each curve's change from the first run's (the reference). `curves`: DIR is a
-`popo train` run (its metrics.jsonl); reward (10-step mean), held-out accuracy, entropy and the two
-log-prob diagnostics of METHOD.md section 1 against the rollout step. Labels that share their text
-before the last comma ("GRPO 250, seed 0", "GRPO 250, seed 1") get one colour.
+Each run is LABEL=DIR. Labels that share their text before the last comma ("GRPO, seed 0", "GRPO,
+seed 1") are one method and get one colour; with `--mean` a figure draws each method's mean over
+its seeds, shaded from the lowest seed to the highest. `passk`: DIR holds `popo eval --samples K`'s
+output; pass@k on one axis (log-scale k) and each curve's change from the first method's (the
+reference). `curves`: DIR is a `popo train` run (its metrics.jsonl); reward (10-step mean),
+held-out accuracy, entropy and the two log-prob diagnostics of METHOD.md section 1 against the
+rollout step. `table`: a markdown table of each method's pass@k (mean over seeds), its pass@1 seed
+by seed, and its difference from the `--vs` method on pass@1 and pass@K: paired by seed (the text
+after the last comma; a method with one run, such as the warm start, pairs with every seed), with a
+95% percentile bootstrap over prompts of the mean difference (samples.jsonl, one value per prompt).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import argparse
 import json
 from pathlib import Path
 
+from popo_core.evaluate import bootstrap_interval, pass_at_k as unbiased_pass_at_k
+
 PANELS = (("reward/mean", "sampled training reward (10-step mean)"), ("eval/accuracy", "held-out greedy accuracy"),
           ("entropy/mean", "entropy/mean"), ("pos/delta_logp", "pos/delta_logp"),
           ("implicit_neg/delta_logp", "implicit_neg/delta_logp"))
@@ -25,6 +34,10 @@ PANELS = (("reward/mean", "sampled training reward (10-step mean)"), ("eval/accu
 
 def family(label: str) -> str:
     return label.rsplit(",", 1)[0]
+
+
+def seed_of(label: str) -> str | None:
+    return label.rsplit(",", 1)[1].strip() if "," in label else None
 
 
 def pass_at_k(eval_dir: Path) -> dict[int, float]:
@@ -42,14 +55,50 @@ def series(rows: list[dict], key: str, smooth: int = 1) -> tuple[list[int], list
     return [s for s, _ in points], [sum(v for _, v in w) / len(w) for w in window]
 
 
-def passk_figure(plt, runs: list[tuple[str, dict]], style):
+def per_prompt(eval_dir: Path) -> dict[str, tuple[int, int]]:
+    """(samples, correct) for each prompt of `popo eval`'s samples.jsonl."""
+    counts: dict[str, list[int]] = {}
+    for line in (eval_dir / "samples.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            n_c = counts.setdefault(row["id"], [0, 0])
+            n_c[0] += 1
+            n_c[1] += bool(row["correct"])
+    return {p: (n, c) for p, (n, c) in counts.items()}
+
+
+def by_family(runs: list[tuple[str, object]]) -> dict[str, list[tuple[str, object]]]:
+    groups: dict[str, list[tuple[str, object]]] = {}
+    for label, value in runs:
+        groups.setdefault(family(label), []).append((label, value))
+    return groups
+
+
+def mean_curves(runs: list[tuple[str, dict]]) -> list[tuple[str, dict, dict, dict]]:
+    """Each method's (label, mean, lowest, highest) over its seeds, at the k they all share."""
+    out = []
+    for f, members in by_family(runs).items():
+        ks = sorted(set.intersection(*(set(c) for _, c in members)))
+        values = {k: [c[k] for _, c in members] for k in ks}
+        out.append((f, {k: sum(v) / len(v) for k, v in values.items()}, {k: min(v) for k, v in values.items()},
+                    {k: max(v) for k, v in values.items()}))
+    return out
+
+
+def passk_figure(plt, runs: list[tuple[str, dict]], style, mean: bool = False):
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4))
-    ref_label, ref = runs[0]
-    for i, (label, c) in enumerate(runs):
+    bands = mean_curves(runs) if mean else [(label, c, None, None) for label, c in runs]
+    ref_label, ref = family(runs[0][0]) if mean else runs[0][0], bands[0][1]
+    for i, (label, c, lo, hi) in enumerate(bands):
         ks = sorted(c)
         ax.plot(ks, [c[k] for k in ks], marker="o", ms=3, **style(label, lw=2.5 if i == 0 else 1.2))
         if i:
             dx.plot(ks, [c[k] - ref[k] for k in ks], marker="o", ms=3, **style(label, lw=1.2))
+        if lo is not None and len(by_family(runs)[label]) > 1:
+            colour = style(label, lw=0)["color"]
+            ax.fill_between(ks, [lo[k] for k in ks], [hi[k] for k in ks], color=colour, alpha=0.15, lw=0)
+            dx.fill_between(ks, [lo[k] - ref[k] for k in ks], [hi[k] - ref[k] for k in ks], color=colour,
+                            alpha=0.15, lw=0)
     for a in (ax, dx):
         a.set_xscale("log", base=2)
         a.set_xlabel("k")
@@ -58,15 +107,30 @@ def passk_figure(plt, runs: list[tuple[str, dict]], style):
     dx.set_ylabel(f"pass@k minus {ref_label}'s")
     dx.axhline(0, color="black", lw=0.8)
     ax.legend(fontsize=8)
-    fig.suptitle("held-out pass@k (T = 1.0, 64 samples, unbiased)")
+    fig.suptitle("held-out pass@k (T = 1.0, 64 samples, unbiased)" + (", mean over seeds" if mean else ""))
     return fig
 
 
-def curves_figure(plt, runs: list[tuple[str, list[dict]]], style):
+def mean_series(members: list[list[dict]], key: str, smooth: int) -> tuple[list[int], list[float], list[float], list[float]]:
+    """A metric's mean, lowest and highest over seeds, at the steps every seed logged it."""
+    curves = [dict(zip(*series(rows, key, smooth))) for rows in members]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    values = [[c[s] for c in curves] for s in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def curves_figure(plt, runs: list[tuple[str, list[dict]]], style, mean: bool = False):
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
     for ax, (key, title) in zip(axes, PANELS):
-        for label, rows in runs:
-            ax.plot(*series(rows, key, smooth=10 if key == "reward/mean" else 1), **style(label, lw=1.2))
+        smooth = 10 if key == "reward/mean" else 1
+        if mean:
+            for f, members in by_family(runs).items():
+                steps, avg, lo, hi = mean_series([rows for _, rows in members], key, smooth)
+                ax.plot(steps, avg, **style(f, lw=1.2))
+                if len(members) > 1:
+                    ax.fill_between(steps, lo, hi, color=style(f, lw=0)["color"], alpha=0.15, lw=0)
+        for label, rows in [] if mean else runs:
+            ax.plot(*series(rows, key, smooth=smooth), **style(label, lw=1.2))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rollout step")
         ax.grid(alpha=0.3)
@@ -76,14 +140,62 @@ def curves_figure(plt, runs: list[tuple[str, list[dict]]], style):
     return fig
 
 
+def prompt_values(counts: dict[str, tuple[int, int]], k: int) -> dict[str, float]:
+    return {p: unbiased_pass_at_k(n, c, k) for p, (n, c) in counts.items()}
+
+
+def table(runs: list[tuple[str, dict[str, tuple[int, int]]]], vs: str) -> str:
+    """The markdown table described in the module docstring."""
+    groups = by_family(runs)
+    if vs not in groups:
+        raise SystemExit(f"--vs {vs!r} is none of the methods: {', '.join(groups)}")
+    samples = min(n for _, counts in runs for n, _ in counts.values())
+    ks = [k for k in (2**i for i in range(samples.bit_length())) if k <= samples]
+    prompts = sorted(set.intersection(*(set(counts) for _, counts in runs)))
+
+    def values(counts, k):  # one value per shared prompt, in one order
+        v = prompt_values(counts, k)
+        return [v[p] for p in prompts]
+
+    def paired(members, k) -> str:
+        """Each seed's difference from the --vs method's run of that seed; a run without a seed in
+        its label (the warm start) stands for every seed of the other side."""
+        mine, ref = dict((seed_of(l), c) for l, c in members), dict((seed_of(l), c) for l, c in groups[vs])
+        seeds = list(ref) if None in mine else [s for s in mine if s in ref or None in ref]
+        if not seeds:
+            return "unpaired"
+        pick = lambda runs, seed: runs.get(seed, runs.get(None))
+        rows = [[x - y for x, y in zip(values(pick(mine, s), k), values(pick(ref, s), k))] for s in seeds]
+        diffs = [sum(r) / len(prompts) for r in rows]
+        lo, hi = bootstrap_interval([sum(col) / len(rows) for col in zip(*rows)])
+        return f"{sum(diffs) / len(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] ({', '.join(f'{d:+.3f}' for d in diffs)})"
+
+    head = ["method", "seeds", *(f"pass@{k}" for k in ks), "pass@1 by seed", f"pass@1 minus {vs}",
+            f"pass@{ks[-1]} minus {vs}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f, members in groups.items():
+        means = [sum(sum(values(counts, k)) / len(prompts) for _, counts in members) / len(members) for k in ks]
+        by_seed = ", ".join(f"{sum(values(counts, 1)) / len(prompts):.3f}" for _, counts in members)
+        versus = ["", ""] if f == vs else [paired(members, 1), paired(members, ks[-1])]
+        lines.append("| " + " | ".join([f, str(len(members)), *(f"{m:.3f}" for m in means), by_seed, *versus]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("figure", choices=["passk", "curves"])
+    p.add_argument("figure", choices=["passk", "curves", "table"])
     p.add_argument("runs", nargs="+", help="LABEL=DIR")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="the figure's file (passk, curves)")
+    p.add_argument("--mean", action="store_true", help="one curve per method: the mean over its seeds")
+    p.add_argument("--vs", help="table: the method the others are compared with (default: the first)")
     args = p.parse_args()
-    read = pass_at_k if args.figure == "passk" else metrics
+    read = {"passk": pass_at_k, "curves": metrics, "table": per_prompt}[args.figure]
     runs = [(label, read(Path(path))) for label, path in (r.rsplit("=", 1) for r in args.runs)]
+    if args.figure == "table":
+        print(table(runs, args.vs or family(runs[0][0])))
+        return
+    if args.out is None:
+        p.error(f"{args.figure} needs --out")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +209,7 @@ def main() -> None:
         first, _ = f not in labelled, labelled.add(f)
         return {"color": colors[f], "lw": lw, "label": f if first else None}
 
-    fig = (passk_figure if args.figure == "passk" else curves_figure)(plt, runs, style)
+    fig = (passk_figure if args.figure == "passk" else curves_figure)(plt, runs, style, mean=args.mean)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=115)

@@ -35,3 +35,78 @@ def test_draws_the_files_it_is_given(tmp_path, figure, write):
                            *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 10_000
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("testbed_plots", REPO / "benchmarks" / "testbed_plots.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_samples(d: Path, correct: dict[str, int], n: int = 8) -> None:
+    d.mkdir()
+    rows = [{"id": p, "sample": i, "correct": i < c} for p, c in correct.items() for i in range(n)]
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("figure,write", [("passk", write_eval), ("curves", write_run)])
+def test_draws_seed_means(tmp_path, figure, write, mean):
+    args = []
+    for i, label in enumerate(["warm start", "GRPO, seed 0", "GRPO, seed 1", "POPO, seed 0"]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        write(d, 0.02 * i)
+        args.append(f"{label}={d}")
+    out = tmp_path / "figure.png"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "testbed_plots.py"), figure, "--out", str(out),
+                           *(["--mean"] if mean else []), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 10_000
+
+
+def test_table_against_a_direct_computation(tmp_path):
+    """Means over seeds, paired differences and the bootstrap, recomputed from the counts with
+    math.comb in float64 (the script uses popo_core.evaluate's product form)."""
+    import math
+    import random
+
+    plots = load_script()
+    rng = random.Random(0)
+    prompts = [f"{i}+{i}=" for i in range(30)]
+    counts = {label: {p: rng.randint(0, 8) for p in prompts}
+              for label in ["warm start", "POPO, seed 0", "POPO, seed 1", "PSR, seed 0", "PSR, seed 1", "NSR, seed 7"]}
+    runs = []
+    for i, (label, c) in enumerate(counts.items()):
+        write_samples(tmp_path / str(i), c)
+        runs.append((label, plots.per_prompt(tmp_path / str(i))))
+    text = plots.table(runs, "POPO")
+    cells = [[c.strip() for c in line.strip()[1:-1].split("|")] for line in text.splitlines()]
+    rows = {r[0]: r for r in cells[2:]}
+
+    def pk(c, k):
+        return 1 - math.comb(8 - c, k) / math.comb(8, k)
+
+    def mean_pass(label, k):
+        return sum(pk(c, k) for c in counts[label].values()) / len(prompts)
+
+    assert cells[0][2:6] == ["pass@1", "pass@2", "pass@4", "pass@8"]
+    psr = rows["PSR"]
+    assert psr[1] == "2"
+    for j, k in enumerate((1, 2, 4, 8)):
+        assert float(psr[2 + j]) == pytest.approx((mean_pass("PSR, seed 0", k) + mean_pass("PSR, seed 1", k)) / 2, abs=6e-4)
+    for col, k in ((7, 1), (8, 8)):
+        diffs = [mean_pass(f"PSR, seed {s}", k) - mean_pass(f"POPO, seed {s}", k) for s in (0, 1)]
+        mean, interval, seeds = psr[col].replace("[", ";").replace("] (", ";").rstrip(")").split(";")
+        assert float(mean) == pytest.approx(sum(diffs) / 2, abs=6e-4)
+        assert [float(x) for x in seeds.split(", ")] == pytest.approx(diffs, abs=6e-4)
+        lo, hi = (float(x) for x in interval.split(", "))
+        assert lo < float(mean) < hi
+    # the warm start (no seed in its label) pairs with every POPO seed; NSR's seed 7 with none
+    warm = [mean_pass("warm start", 1) - mean_pass(f"POPO, seed {s}", 1) for s in (0, 1)]
+    assert float(rows["warm start"][7].split(" [")[0]) == pytest.approx(sum(warm) / 2, abs=6e-4)
+    assert rows["NSR"][7] == "unpaired"
+    assert rows["POPO"][7] == ""
