@@ -51,6 +51,27 @@ def test_short_run_logs_everything_to_mlflow(workdir):
     assert {"config.yaml", "curves.png", "metrics.jsonl"} <= artifacts
 
 
+def test_mlflow_holds_every_step_before_each_checkpoint(workdir, monkeypatch):
+    """With an hour between batched flushes, each checkpoint still finds every step up to its own
+    in the MLflow store: a resume from it skips exactly the steps MLflow has (TrainingRun.save)."""
+    import mlflow
+
+    from popo_core import checkpoint
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    held, save = {}, checkpoint.save
+
+    def saving(output_dir, *, state, **kwargs):
+        (run,) = client.search_runs([client.get_experiment_by_name("popo").experiment_id])
+        held[state["step"]] = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/mean"))
+        return save(output_dir, state=state, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", saving)
+    train(compose("tiny", tiny_overrides(workdir, **{"tracking.enabled": "true", "trainer.max_steps": 4,
+                                                     "trainer.save_every": 2, "tracking.flush_every_s": 3600})))
+    assert held == {2: [1, 2], 4: [1, 2, 3, 4]}
+
+
 def test_final_policy_loads_with_transformers(workdir):
     from transformers import AutoModelForCausalLM
 
