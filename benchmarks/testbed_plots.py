@@ -6,6 +6,7 @@
         "POPO, seed 0=RUN_DIR" "GRPO, seed 0=RUN_DIR" ...
     .venv/bin/python benchmarks/testbed_plots.py table --vs POPO \\
         "warm start=EVAL_DIR" "POPO, seed 0=EVAL_DIR" "GRPO, seed 0=EVAL_DIR" ...
+    .venv/bin/python benchmarks/testbed_plots.py diagnostics "POPO, seed 0=RUN_DIR" ...
 
 Each run is LABEL=DIR. Labels that share their text before the last comma ("GRPO, seed 0", "GRPO,
 seed 1") are one method and get one colour; with `--mean` a figure draws each method's mean over
@@ -17,6 +18,9 @@ rollout step. `table`: a markdown table of each method's pass@k (mean over seeds
 by seed, and its difference from the `--vs` method on pass@1 and pass@K: paired by seed (the text
 after the last comma; a method with one run, such as the warm start, pairs with every seed), with a
 95% percentile bootstrap over prompts of the mean difference (samples.jsonl, one value per prompt).
+`diagnostics`: per method, means over its seeds of the runs' metrics.jsonl: the two log-prob
+diagnostics averaged over the steps that logged them, entropy and held-out greedy accuracy at the
+last step, and the seconds of a rollout step (generation, update, whole step; popo's `time/*`).
 """
 
 from __future__ import annotations
@@ -181,18 +185,45 @@ def table(runs: list[tuple[str, dict[str, tuple[int, int]]]], vs: str) -> str:
     return "\n".join(lines)
 
 
+DIAGNOSTICS = (("implicit_neg/delta_logp", "mean", "implicit_neg/delta_logp, mean over steps", "{:+.4f}"),
+               ("pos/delta_logp", "mean", "pos/delta_logp, mean over steps", "{:+.4f}"),
+               ("entropy/mean", "last", "entropy, last step", "{:.3f}"),
+               ("eval/accuracy", "last", "held-out greedy, last step", "{:.3f}"),
+               ("time/generate_s", "mean", "generate s/step", "{:.2f}"),
+               ("time/update_s", "mean", "update s/step", "{:.2f}"),
+               ("time/step_s", "mean", "step s", "{:.2f}"))
+
+
+def diagnostics(runs: list[tuple[str, list[dict]]]) -> str:
+    """The markdown table described in the module docstring."""
+    head = ["method", "seeds", *(title for _, _, title, _ in DIAGNOSTICS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f, members in by_family(runs).items():
+        cells = []
+        for key, how, _, fmt in DIAGNOSTICS:
+            per_run = [[r[key] for r in rows if key in r] for _, rows in members]
+            per_run = [v for v in per_run if v]
+            picked = [sum(v) / len(v) if how == "mean" else v[-1] for v in per_run]
+            cells.append(fmt.format(sum(picked) / len(picked)) if picked else "")
+        lines.append("| " + " | ".join([f, str(len(members)), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("figure", choices=["passk", "curves", "table"])
+    p.add_argument("figure", choices=["passk", "curves", "table", "diagnostics"])
     p.add_argument("runs", nargs="+", help="LABEL=DIR")
     p.add_argument("--out", type=Path, help="the figure's file (passk, curves)")
     p.add_argument("--mean", action="store_true", help="one curve per method: the mean over its seeds")
     p.add_argument("--vs", help="table: the method the others are compared with (default: the first)")
     args = p.parse_args()
-    read = {"passk": pass_at_k, "curves": metrics, "table": per_prompt}[args.figure]
+    read = {"passk": pass_at_k, "curves": metrics, "table": per_prompt, "diagnostics": metrics}[args.figure]
     runs = [(label, read(Path(path))) for label, path in (r.rsplit("=", 1) for r in args.runs)]
     if args.figure == "table":
         print(table(runs, args.vs or family(runs[0][0])))
+        return
+    if args.figure == "diagnostics":
+        print(diagnostics(runs))
         return
     if args.out is None:
         p.error(f"{args.figure} needs --out")

@@ -110,3 +110,22 @@ def test_table_against_a_direct_computation(tmp_path):
     assert float(rows["warm start"][7].split(" [")[0]) == pytest.approx(sum(warm) / 2, abs=6e-4)
     assert rows["NSR"][7] == "unpaired"
     assert rows["POPO"][7] == ""
+
+
+def test_diagnostics_average_each_run_then_the_seeds(tmp_path):
+    plots = load_script()
+    runs = [("POPO, seed 0", [{"step": 1, "implicit_neg/delta_logp": -0.1, "time/step_s": 1.0},
+                              {"step": 2, "implicit_neg/delta_logp": -0.3, "entropy/mean": 0.5, "time/step_s": 3.0}]),
+            ("POPO, seed 1", [{"step": 1, "implicit_neg/delta_logp": -0.6, "entropy/mean": 0.9, "time/step_s": 2.0},
+                              {"step": 2, "entropy/mean": 0.7, "time/step_s": 2.0}]),
+            ("GRPO, seed 0", [{"step": 1, "time/step_s": 5.0}])]
+    lines = plots.diagnostics(runs).splitlines()
+    head = [c.strip() for c in lines[0].strip()[1:-1].split("|")]
+    rows = {r[0]: dict(zip(head, r)) for r in ([c.strip() for c in x.strip()[1:-1].split("|")] for x in lines[2:])}
+    popo = rows["POPO"]
+    assert popo["seeds"] == "2"
+    assert float(popo["implicit_neg/delta_logp, mean over steps"]) == pytest.approx((-0.2 - 0.6) / 2)
+    assert float(popo["entropy, last step"]) == pytest.approx((0.5 + 0.7) / 2)
+    assert float(popo["step s"]) == pytest.approx(2.0)
+    assert rows["GRPO"]["implicit_neg/delta_logp, mean over steps"] == ""
+    assert float(rows["GRPO"]["step s"]) == pytest.approx(5.0)
