@@ -12,7 +12,7 @@ Each run is LABEL=DIR. Labels that share their text before the last comma ("GRPO
 seed 1") are one method and get one colour; with `--mean` a figure draws each method's mean over
 its seeds, shaded from the lowest seed to the highest. `passk`: DIR holds `popo eval --samples K`'s
 output; pass@k on one axis (log-scale k) and each curve's change from the first method's (the
-reference). `curves`: DIR is a `popo train` run (its metrics.jsonl); reward (10-step mean),
+reference, in black). `curves`: DIR is a `popo train` run (its metrics.jsonl); reward (10-step mean),
 held-out accuracy, entropy and the two log-prob diagnostics of METHOD.md section 1 against the
 rollout step. `table`: a markdown table of each method's pass@k (mean over seeds), its pass@1 seed
 by seed, and its difference from the `--vs` method on pass@1 and pass@K: paired by seed (the text
@@ -232,7 +232,9 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {f: plt.cm.tab10(i) for i, f in enumerate(dict.fromkeys(family(label) for label, _ in runs))}
+    families = list(dict.fromkeys(family(label) for label, _ in runs))
+    reference = families.pop(0) if args.figure == "passk" else None  # black, so a method keeps its colour across figures
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)} | ({reference: "black"} if reference else {})
     labelled: set[str] = set()
 
     def style(label: str, lw: float) -> dict:  # one colour and one legend entry per family
