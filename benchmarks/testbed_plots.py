@@ -16,8 +16,9 @@ reference, in black). `curves`: DIR is a `popo train` run (its metrics.jsonl); r
 held-out accuracy, entropy and the two log-prob diagnostics of METHOD.md section 1 against the
 rollout step. `table`: a markdown table of each method's pass@k (mean over seeds), its pass@1 seed
 by seed, and its difference from the `--vs` method on pass@1 and pass@K: paired by seed (the text
-after the last comma; a method with one run, such as the warm start, pairs with every seed), with a
-95% percentile bootstrap over prompts of the mean difference (samples.jsonl, one value per prompt).
+after the last comma; a label without one, such as "warm start", pairs with every seed), with a 95%
+percentile bootstrap over prompts of the mean difference (samples.jsonl, one value per prompt).
+Every run must hold the same prompts with the same number of samples.
 `diagnostics`: per method, means over its seeds of the runs' metrics.jsonl: the two log-prob
 diagnostics averaged over the steps that logged them, entropy and held-out greedy accuracy at the
 last step, and the seconds of a rollout step (generation, update, whole step; popo's `time/*`).
@@ -29,7 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
-from popo_core.evaluate import bootstrap_interval, pass_at_k as unbiased_pass_at_k
+from popo_core.evaluate import bootstrap_interval, k_values, pass_at_k as unbiased_pass_at_k
 
 PANELS = (("reward/mean", "sampled training reward (10-step mean)"), ("eval/accuracy", "held-out greedy accuracy"),
           ("entropy/mean", "entropy/mean"), ("pos/delta_logp", "pos/delta_logp"),
@@ -59,13 +60,13 @@ def series(rows: list[dict], key: str, smooth: int = 1) -> tuple[list[int], list
     return [s for s, _ in points], [sum(v for _, v in w) / len(w) for w in window]
 
 
-def per_prompt(eval_dir: Path) -> dict[str, tuple[int, int]]:
-    """(samples, correct) for each prompt of `popo eval`'s samples.jsonl."""
-    counts: dict[str, list[int]] = {}
+def per_prompt(eval_dir: Path) -> dict[tuple[str, str], tuple[int, int]]:
+    """(samples, correct) for each (bench, prompt id) of `popo eval`'s samples.jsonl."""
+    counts: dict[tuple[str, str], list[int]] = {}
     for line in (eval_dir / "samples.jsonl").read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            n_c = counts.setdefault(row["id"], [0, 0])
+            n_c = counts.setdefault((row["bench"], row["id"]), [0, 0])
             n_c[0] += 1
             n_c[1] += bool(row["correct"])
     return {p: (n, c) for p, (n, c) in counts.items()}
@@ -133,8 +134,9 @@ def curves_figure(plt, runs: list[tuple[str, list[dict]]], style, mean: bool = F
                 ax.plot(steps, avg, **style(f, lw=1.2))
                 if len(members) > 1:
                     ax.fill_between(steps, lo, hi, color=style(f, lw=0)["color"], alpha=0.15, lw=0)
-        for label, rows in [] if mean else runs:
-            ax.plot(*series(rows, key, smooth=smooth), **style(label, lw=1.2))
+        else:
+            for label, rows in runs:
+                ax.plot(*series(rows, key, smooth=smooth), **style(label, lw=1.2))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rollout step")
         ax.grid(alpha=0.3)
@@ -144,43 +146,70 @@ def curves_figure(plt, runs: list[tuple[str, list[dict]]], style, mean: bool = F
     return fig
 
 
-def prompt_values(counts: dict[str, tuple[int, int]], k: int) -> dict[str, float]:
-    return {p: unbiased_pass_at_k(n, c, k) for p, (n, c) in counts.items()}
+def prompt_values(counts: dict, prompts: list, k: int) -> list[float]:
+    """Unbiased pass@k of each prompt, in the order of `prompts`."""
+    return [unbiased_pass_at_k(*counts[p], k) for p in prompts]
 
 
-def table(runs: list[tuple[str, dict[str, tuple[int, int]]]], vs: str) -> str:
+def seeds_of(members: list[tuple[str, dict]]) -> dict[str | None, dict]:
+    runs: dict[str | None, dict] = {}
+    for label, counts in members:
+        if seed_of(label) in runs:
+            raise SystemExit(f"two runs of {family(label)!r} with the same seed: {label!r}")
+        runs[seed_of(label)] = counts
+    return runs
+
+
+def pairs(members: list[tuple[str, dict]], ref: list[tuple[str, dict]]) -> list[tuple[str | None, dict, dict]]:
+    """(seed, run, --vs run) for each seed both sides have; a run without a seed in its label (the
+    warm start) stands for every seed of the other side."""
+    mine, theirs = seeds_of(members), seeds_of(ref)
+    if None in mine:
+        return [(seed, mine[None], counts) for seed, counts in theirs.items()]
+    return [(seed, counts, theirs.get(seed, theirs.get(None))) for seed, counts in mine.items()
+            if seed in theirs or None in theirs]
+
+
+def per_seed(seed: str | None, value: str) -> str:
+    return value if seed is None else f"{seed.removeprefix('seed ')}: {value}"
+
+
+def paired_difference(members, ref, prompts: list, k: int) -> str:
+    """Mean over seeds of the pass@k difference [95% bootstrap over prompts] (each seed's)."""
+    matched = pairs(members, ref)
+    if not matched:
+        return "unpaired"
+    rows = [[a - b for a, b in zip(prompt_values(run, prompts, k), prompt_values(other, prompts, k))]
+            for _, run, other in matched]
+    diffs = [sum(r) / len(prompts) for r in rows]
+    lo, hi = bootstrap_interval([sum(col) / len(rows) for col in zip(*rows)])
+    each = ", ".join(per_seed(seed, f"{d:+.3f}") for (seed, _, _), d in zip(matched, diffs))
+    return f"{sum(diffs) / len(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] ({each})"
+
+
+def table(runs: list[tuple[str, dict]], vs: str) -> str:
     """The markdown table described in the module docstring."""
     groups = by_family(runs)
     if vs not in groups:
         raise SystemExit(f"--vs {vs!r} is none of the methods: {', '.join(groups)}")
-    samples = min(n for _, counts in runs for n, _ in counts.values())
-    ks = [k for k in (2**i for i in range(samples.bit_length())) if k <= samples]
-    prompts = sorted(set.intersection(*(set(counts) for _, counts in runs)))
-
-    def values(counts, k):  # one value per shared prompt, in one order
-        v = prompt_values(counts, k)
-        return [v[p] for p in prompts]
-
-    def paired(members, k) -> str:
-        """Each seed's difference from the --vs method's run of that seed; a run without a seed in
-        its label (the warm start) stands for every seed of the other side."""
-        mine, ref = dict((seed_of(l), c) for l, c in members), dict((seed_of(l), c) for l, c in groups[vs])
-        seeds = list(ref) if None in mine else [s for s in mine if s in ref or None in ref]
-        if not seeds:
-            return "unpaired"
-        pick = lambda runs, seed: runs.get(seed, runs.get(None))
-        rows = [[x - y for x, y in zip(values(pick(mine, s), k), values(pick(ref, s), k))] for s in seeds]
-        diffs = [sum(r) / len(prompts) for r in rows]
-        lo, hi = bootstrap_interval([sum(col) / len(rows) for col in zip(*rows)])
-        return f"{sum(diffs) / len(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] ({', '.join(f'{d:+.3f}' for d in diffs)})"
-
+    for members in groups.values():
+        seeds_of(members)  # refuses two runs of one method with one seed
+    prompts = sorted(runs[0][1])
+    for label, counts in runs:
+        if sorted(counts) != prompts:
+            raise SystemExit(f"{label!r} was evaluated on other prompts than {runs[0][0]!r}")
+    samples = {n for _, counts in runs for n, _ in counts.values()}
+    if len(samples) != 1:
+        raise SystemExit(f"the runs have different numbers of samples per prompt: {sorted(samples)}")
+    ks = k_values(samples.pop())
     head = ["method", "seeds", *(f"pass@{k}" for k in ks), "pass@1 by seed", f"pass@1 minus {vs}",
             f"pass@{ks[-1]} minus {vs}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f, members in groups.items():
-        means = [sum(sum(values(counts, k)) / len(prompts) for _, counts in members) / len(members) for k in ks]
-        by_seed = ", ".join(f"{sum(values(counts, 1)) / len(prompts):.3f}" for _, counts in members)
-        versus = ["", ""] if f == vs else [paired(members, 1), paired(members, ks[-1])]
+        means = [sum(sum(prompt_values(c, prompts, k)) for _, c in members) / len(prompts) / len(members) for k in ks]
+        by_seed = ", ".join(per_seed(seed_of(label), f"{sum(prompt_values(c, prompts, 1)) / len(prompts):.3f}")
+                            for label, c in members)
+        versus = ["", ""] if f == vs else [paired_difference(members, groups[vs], prompts, k) for k in (1, ks[-1])]
         lines.append("| " + " | ".join([f, str(len(members)), *(f"{m:.3f}" for m in means), by_seed, *versus]) + " |")
     return "\n".join(lines)
 

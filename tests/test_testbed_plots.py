@@ -48,7 +48,7 @@ def load_script():
 
 def write_samples(d: Path, correct: dict[str, int], n: int = 8) -> None:
     d.mkdir()
-    rows = [{"id": p, "sample": i, "correct": i < c} for p, c in correct.items() for i in range(n)]
+    rows = [{"bench": "arith", "id": p, "sample": i, "correct": i < c} for p, c in correct.items() for i in range(n)]
     (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -73,6 +73,8 @@ def test_table_against_a_direct_computation(tmp_path):
     math.comb in float64 (the script uses popo_core.evaluate's product form)."""
     import math
     import random
+
+    from popo_core.evaluate import bootstrap_interval
 
     plots = load_script()
     rng = random.Random(0)
@@ -99,11 +101,14 @@ def test_table_against_a_direct_computation(tmp_path):
     for j, k in enumerate((1, 2, 4, 8)):
         assert float(psr[2 + j]) == pytest.approx((mean_pass("PSR, seed 0", k) + mean_pass("PSR, seed 1", k)) / 2, abs=6e-4)
     for col, k in ((7, 1), (8, 8)):
-        diffs = [mean_pass(f"PSR, seed {s}", k) - mean_pass(f"POPO, seed {s}", k) for s in (0, 1)]
+        per_seed = [[pk(counts[f"PSR, seed {s}"][p], k) - pk(counts[f"POPO, seed {s}"][p], k) for p in sorted(prompts)]
+                    for s in (0, 1)]  # the script's prompt order: the bootstrap resamples positions
+        diffs = [sum(d) / len(prompts) for d in per_seed]
         mean, interval, seeds = psr[col].replace("[", ";").replace("] (", ";").rstrip(")").split(";")
         assert float(mean) == pytest.approx(sum(diffs) / 2, abs=6e-4)
-        assert [float(x) for x in seeds.split(", ")] == pytest.approx(diffs, abs=6e-4)
-        lo, hi = (float(x) for x in interval.split(", "))
+        assert seeds == f"0: {diffs[0]:+.3f}, 1: {diffs[1]:+.3f}"
+        lo, hi = bootstrap_interval([(a + b) / 2 for a, b in zip(*per_seed)])
+        assert interval == f"{lo:+.3f}, {hi:+.3f}"
         assert lo < float(mean) < hi
     # the warm start (no seed in its label) pairs with every POPO seed; NSR's seed 7 with none
     warm = [mean_pass("warm start", 1) - mean_pass(f"POPO, seed {s}", 1) for s in (0, 1)]
@@ -129,3 +134,14 @@ def test_diagnostics_average_each_run_then_the_seeds(tmp_path):
     assert float(popo["step s"]) == pytest.approx(2.0)
     assert rows["GRPO"]["implicit_neg/delta_logp, mean over steps"] == ""
     assert float(rows["GRPO"]["step s"]) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("other,match", [({"0+0=": 3}, "other prompts"), (None, "same seed")])
+def test_table_refuses_runs_it_cannot_compare(tmp_path, other, match):
+    plots = load_script()
+    write_samples(tmp_path / "a", {"0+0=": 1, "1+1=": 2})
+    write_samples(tmp_path / "b", other or {"0+0=": 4, "1+1=": 5})
+    runs = [("POPO, seed 0", plots.per_prompt(tmp_path / "a")),
+            ("POPO, seed 0" if other is None else "PSR, seed 0", plots.per_prompt(tmp_path / "b"))]
+    with pytest.raises(SystemExit, match=match):
+        plots.table(runs, "POPO")
