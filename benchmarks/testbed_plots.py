@@ -79,14 +79,19 @@ def by_family(runs: list[tuple[str, object]]) -> dict[str, list[tuple[str, objec
     return groups
 
 
+def band(curves: list[dict]) -> tuple[list, list[float], list[float], list[float]]:
+    """The keys every curve has, and the curves' mean, lowest and highest value at each."""
+    keys = sorted(set.intersection(*(set(c) for c in curves)))
+    values = [[c[k] for c in curves] for k in keys]
+    return keys, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
 def mean_curves(runs: list[tuple[str, dict]]) -> list[tuple[str, dict, dict, dict]]:
     """Each method's (label, mean, lowest, highest) over its seeds, at the k they all share."""
     out = []
     for f, members in by_family(runs).items():
-        ks = sorted(set.intersection(*(set(c) for _, c in members)))
-        values = {k: [c[k] for _, c in members] for k in ks}
-        out.append((f, {k: sum(v) / len(v) for k, v in values.items()}, {k: min(v) for k, v in values.items()},
-                    {k: max(v) for k, v in values.items()}))
+        ks, *curves = band([c for _, c in members])
+        out.append((f, *(dict(zip(ks, v)) for v in curves)))
     return out
 
 
@@ -118,10 +123,7 @@ def passk_figure(plt, runs: list[tuple[str, dict]], style, mean: bool = False):
 
 def mean_series(members: list[list[dict]], key: str, smooth: int) -> tuple[list[int], list[float], list[float], list[float]]:
     """A metric's mean, lowest and highest over seeds, at the steps every seed logged it."""
-    curves = [dict(zip(*series(rows, key, smooth))) for rows in members]
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    values = [[c[s] for c in curves] for s in steps]
-    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+    return band([dict(zip(*series(rows, key, smooth))) for rows in members])
 
 
 def curves_figure(plt, runs: list[tuple[str, list[dict]]], style, mean: bool = False):
