@@ -3,7 +3,7 @@ HF rollout tokens per second, and peak memory of POPO against GRPO at equal sett
 
 Random-init models from configs (no download); imports only torch, transformers, peft and popo
 modules that need nothing else (no hydra, mlflow, optuna or vLLM), so it runs on a bare GPU machine.
-Each variant runs the trainer's own optimizer step (popo_core.update.optimizer_step) on a
+Each variant runs the trainer's own optimizer step (popo_core.trainer.update.optimizer_step) on a
 synthetic rollout batch, half of it positive. Prints absolute numbers and ratios, and appends them
 with the exact command to benchmarks/RESULTS.md.
 
@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from popo_core.config import AlgoConfig, Config, LoraConfig  # noqa: E402  (dataclasses only: no hydra)
-from popo_core.networks import add_lora, momentum_network, reference_network  # noqa: E402
-from popo_core.objective import build_objective  # noqa: E402
+from popo_core.trainer.companions import add_lora, momentum_network, reference_network  # noqa: E402
+from popo_core.algo.objective import build_objective  # noqa: E402
 from popo_core.rollout import Rollouts  # noqa: E402
-from popo_core.update import Batch, Learner, StepInputs, optimizer_step  # noqa: E402
+from popo_core.trainer.update import Batch, Learner, StepInputs, optimizer_step  # noqa: E402
 
 SIZES = {
     # Qwen2.5-1.5B's config.json (hidden 1536, 28 layers, intermediate 8960, 12 heads, 2 KV heads,

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from popo_core import benchmarks as bm  # noqa: E402
-from popo_core.grading import DEFAULT_WORKERS, MathVerifier, warm_up  # noqa: E402
+from popo_core.evaluation import suite as bm  # noqa: E402
+from popo_core.grading.math_grader import DEFAULT_WORKERS, MathVerifier, warm_up  # noqa: E402
 
 
 def answer_pairs(data: str | None, limit: int | None) -> tuple[list[str], list[str]]:

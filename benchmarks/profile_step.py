@@ -23,10 +23,10 @@ import time
 import torch
 
 from popo_core.config import compose
-from popo_core.data import prompt_ids
+from popo_core.data.datasets import prompt_ids
 from popo_core.rollout.sampling import prompt_keys
-from popo_core.train import build, load_task, prompt_batch
-from popo_core.update import Batch, update
+from popo_core.trainer.loop import build, load_task, prompt_batch
+from popo_core.trainer.update import Batch, update
 
 
 def setup(method: str, overrides: list[str]):

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from popo_core.config import compose
-from popo_core.train import train
+from popo_core.trainer.loop import train
 
 METHODS = ("popo", "grpo")
 

@@ -1,6 +1,6 @@
 """The arith testbed's budgets and its acceptance numbers, measured through the real commands.
 
-1. The warm start: `popo_core.warmstart.ensure` on the arith preset in a fresh cache (wall and CPU
+1. The warm start: `popo_core.model.warmstart.ensure` on the arith preset in a fresh cache (wall and CPU
    seconds), then its held-out pass@k at temperature 1.0 with 64 samples (`popo eval --bench arith`).
 2. RL from it: `popo train arith algo=A trainer.seed=S` for each algorithm and seed (wall and CPU
    seconds of the run), then `popo eval --bench arith --model RUN --samples 64` on the result.

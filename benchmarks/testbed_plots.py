@@ -30,7 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
-from popo_core.evaluate import bootstrap_interval, k_values, pass_at_k as unbiased_pass_at_k
+from popo_core.evaluation.metrics import bootstrap_interval, k_values, pass_at_k as unbiased_pass_at_k
 
 PANELS = (("reward/mean", "sampled training reward (10-step mean)"), ("eval/accuracy", "held-out greedy accuracy"),
           ("entropy/mean", "entropy/mean"), ("pos/delta_logp", "pos/delta_logp"),

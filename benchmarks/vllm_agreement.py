@@ -14,8 +14,8 @@ import time
 import torch
 
 from popo_core.config import ModelConfig
-from popo_core.models import load_model_and_tokenizer
-from popo_core.policy import collate, completion_forward
+from popo_core.model.loading import load_model_and_tokenizer
+from popo_core.trainer.logprobs import collate, completion_forward
 
 TEMPERATURE = 0.8
 

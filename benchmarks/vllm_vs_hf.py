@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from popo_core.config import compose
-from popo_core.train import train
+from popo_core.trainer.loop import train
 
 ENGINES = ("hf", "vllm")
 

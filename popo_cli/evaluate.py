@@ -50,7 +50,7 @@ def eval_cmd(
     accuracy with a 95% CI, pass@k, maj@K."""
     setup_env()
     with user_errors():
-        from popo_core.eval_run import EvalSettings, run_eval
+        from popo_core.evaluation.runner import EvalSettings, run_eval
 
         settings = EvalSettings(
             benches=list(bench), data=data, model=model, responses=str(responses) if responses else None,

@@ -18,13 +18,13 @@ def detected_gpu_gib(device: str = "auto") -> Optional[float]:
     if not torch.cuda.is_available():
         return None
     index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-    from popo_core.plan import GIB
+    from popo_core.trainer.sizing import GIB
 
     return torch.cuda.get_device_properties(index).total_memory / GIB
 
 
 def _gib(x: float) -> str:
-    from popo_core.plan import GIB
+    from popo_core.trainer.sizing import GIB
 
     return f"{x / GIB:,.2f}"
 
@@ -38,7 +38,7 @@ def render(cfg, *, gpu_memory: Optional[float], world_size: int, prompt_tokens: 
     from rich.table import Table
 
     from popo_core.config import to_yaml
-    from popo_core.plan import LORA_HINT_RANK, arch_of, compute_bytes, min_gpus, plan, with_lora
+    from popo_core.trainer.sizing import LORA_HINT_RANK, arch_of, compute_bytes, min_gpus, plan, with_lora
 
     console.rule(f"[bold]{cfg.preset}[/]: resolved config")
     console.print(to_yaml(cfg), markup=False, end="")
@@ -103,7 +103,7 @@ def render(cfg, *, gpu_memory: Optional[float], world_size: int, prompt_tokens: 
 
 def preflight(cfg, gpu_memory: Optional[float], world_size: int = 1) -> None:
     """Before loading anything: stop with one line when the run cannot fit its GPU (not on CPU)."""
-    from popo_core.plan import check_fit, has_arch
+    from popo_core.trainer.sizing import check_fit, has_arch
 
     device = cfg.trainer.device
     if device == "cpu" or not has_arch(cfg):

@@ -43,7 +43,7 @@ def sweep(
     setup_env()
     preset, overrides = split_preset(preset, overrides)
     with user_errors():
-        from popo_core.sweep import Sweep, SweepSettings, TooManyFailures
+        from popo_core.sweep.study import Sweep, SweepSettings, TooManyFailures
 
         settings = SweepSettings(knob=knob, preset=preset, overrides=overrides, trials=trials, study=study,
                                  storage=storage, sampler=sampler, pruner=pruner, seed=seed, metric=metric,
@@ -54,7 +54,7 @@ def sweep(
                       f"up to {job.target} finished trials, {sampler} sampler, {pruner} pruner; {escape(space)}")
         for note in job.notes:
             err_console.print(f"[yellow]{escape(note)}[/]" if note.startswith("warning") else escape(note))
-        from popo_core.train import TrainingAborted
+        from popo_core.trainer.loop import TrainingAborted
 
         try:
             result = job.run(_Reporter())

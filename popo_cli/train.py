@@ -15,7 +15,7 @@ def make_progress_callbacks(label: str = "train"):
     """A rich progress bar showing step, reward and held-out accuracy live."""
     from rich.progress import TextColumn
 
-    from popo_core.train import Callbacks
+    from popo_core.trainer.loop import Callbacks
 
     class ProgressCallbacks(Callbacks):
         def __init__(self):
@@ -47,7 +47,7 @@ def ensure_warm_start(cfg):
         return cfg
     from rich.progress import TextColumn
 
-    from popo_core import warmstart
+    from popo_core.model import warmstart
 
     bar = progress_bar(TextColumn("{task.fields[info]}"))
     task = None
@@ -101,7 +101,7 @@ def train(
         if not no_fit_check:
             plan_view.preflight(cfg, gpu_memory, world_size=world)
         cfg = ensure_warm_start(cfg)  # arith: build (or reuse) the warm-started model
-        from popo_core.train import Trainer, TrainingAborted
+        from popo_core.trainer.loop import Trainer, TrainingAborted
 
         main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
         bar = make_progress_callbacks(f"{preset}/{cfg.algo.name}") if main else None

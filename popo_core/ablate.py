@@ -62,7 +62,7 @@ def variant_table(path: str | Path | None = None) -> dict[str, Variant]:
 def baseline_variant(name: str) -> Variant:
     """Any registered method (`algo=<name>`) under the same budget: the preset's rollout,
     optimizer and trainer settings and the user's overrides."""
-    from popo_core.algos import METHODS
+    from popo_core.algo.losses import METHODS
 
     choices = [m for m in methods() if m != FULL]
     if name not in choices:
@@ -142,7 +142,7 @@ def plan(
     root: str | Path = "ablations",
 ) -> Ablation:
     """Resolve every (variant, seed) config; no run starts and nothing is written."""
-    from popo_core.objective import build_objective
+    from popo_core.algo.objective import build_objective
 
     variants = select_variants(drops, baselines)
     if seeds < 1:
@@ -193,7 +193,7 @@ class Reporter:
 
     def on_plan(self, ablation: Ablation, found: dict[str, RunOutcome]) -> None: ...
 
-    def run_callbacks(self, run: PlannedRun, index: int, total: int):  # -> popo_core.train.Callbacks | None
+    def run_callbacks(self, run: PlannedRun, index: int, total: int):  # -> popo_core.trainer.loop.Callbacks | None
         return None
 
     def on_run_done(self, run: PlannedRun, outcome: RunOutcome) -> None: ...
@@ -238,7 +238,7 @@ def _tag(run: PlannedRun, run_id: str | None, ablation_key: str) -> None:
 
 def train_one(run: PlannedRun, ablation_key: str, callbacks=None) -> RunOutcome:
     """Train (or resume, or pick up a finished output dir), then tag the MLflow run for matching."""
-    from popo_core.train import Trainer
+    from popo_core.trainer.loop import Trainer
 
     trainer = Trainer(run.cfg, callbacks)
     resuming = trainer.resuming

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from popo_core.errors import ConfigError, first_line
 
-# Mirrors of the choices in popo_core.algos / popo_core.siamese (tested equal there), kept here so
+# Mirrors of the choices in popo_core.algo.losses / popo_core.algo.siamese (tested equal there), kept here so
 # composing a config does not import torch and `popo --help` stays fast.
 REDISTRIBUTIONS = ("uniform", "self_normalized", "none")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
@@ -62,7 +62,7 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     trust_remote_code: bool = False
-    template: str = "plain"  # prompt template, see popo_core.data.TEMPLATES
+    template: str = "plain"  # prompt template, see popo_core.data.datasets.TEMPLATES
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
     bench_max_new_tokens: int = 3000  # `popo eval`'s default --max-new-tokens for this model
@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "tiny"  # tiny | arith (synthetic, exact match) | math (boxed answers, math-verify); popo_core.tasks
+    task: str = "tiny"  # tiny | arith (synthetic, exact match) | math (boxed answers, math-verify); popo_core.data.tasks
     # task=math: a packaged data set (popo_core.resources.PACKAGED: math_l3to5, math500, aime24, ...),
     # a JSONL/JSON/Parquet file, or a Hugging Face dataset id (org/name)
     path: Optional[str] = None
@@ -99,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "popo"  # a registered method (popo_core.algos.METHODS): one YAML each in experiments/algo/
+    name: str = "popo"  # a registered method (popo_core.algo.losses.METHODS): one YAML each in experiments/algo/
     clip_eps: float = 0.2
     redistribution: str = "uniform"
     aggregation: str = "seq_mean_token_mean"
@@ -181,7 +181,7 @@ class TrackingConfig:
 @dataclass
 class WarmStartConfig:
     """Supervised warm-up that builds the starting policy when model.name_or_path=warmstart
-    (popo_core.warmstart): the tiny model of model.* fine-tuned on the task's worked examples."""
+    (popo_core.model.warmstart): the tiny model of model.* fine-tuned on the task's worked examples."""
 
     steps: int = 300
     batch_size: int = 64  # examples per optimizer step
@@ -217,7 +217,7 @@ def config_dir() -> Path:
 
 def methods() -> list[str]:
     """The methods `algo=<name>` can pick: one YAML each in the `algo` group (each a registered
-    method of popo_core.algos; tests check the two agree)."""
+    method of popo_core.algo.losses; tests check the two agree)."""
     return sorted(p.stem for p in (config_dir() / "algo").glob("*.yaml"))
 
 
@@ -322,7 +322,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_nonfinite >= 1, "trainer.max_nonfinite", t.max_nonfinite, "must be >= 1")
     flush = cfg.tracking.flush_every_s
     _check(flush >= 0.0, "tracking.flush_every_s", flush, "must be >= 0 (0: every step at once)")
-    from popo_core.tasks import TASKS  # torch-free
+    from popo_core.data.tasks import TASKS  # torch-free
 
     _choice("data.task", d.task, tuple(TASKS))
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -384,7 +384,7 @@ def _check_data_source(key: str, value: Optional[str]) -> None:
 
 
 def validate_arith(d: DataConfig) -> None:
-    from popo_core.tasks import ARITH_DEFAULT_EVAL_SIZE, arith_capacity
+    from popo_core.data.tasks import ARITH_DEFAULT_EVAL_SIZE, arith_capacity
 
     _check(d.min_terms >= 1, "data.min_terms", d.min_terms, "must be >= 1")
     _check(d.max_terms >= d.min_terms, "data.max_terms", d.max_terms, f"must be >= data.min_terms ({d.min_terms})")
@@ -400,7 +400,7 @@ def validate_arith(d: DataConfig) -> None:
 
 
 def _validate_warmstart(cfg: Config) -> None:
-    from popo_core.tasks import SFT_EXAMPLES
+    from popo_core.data.tasks import SFT_EXAMPLES
 
     w = cfg.warmstart
     _check(cfg.data.task in SFT_EXAMPLES, "model.name_or_path", "warmstart",
@@ -419,7 +419,7 @@ def _validate_warmstart(cfg: Config) -> None:
 
 
 def _looks_local(value: str) -> bool:
-    from popo_core.data import looks_like_path
+    from popo_core.data.datasets import looks_like_path
 
     return Path(value).exists() or looks_like_path(value)
 

@@ -34,8 +34,8 @@ from popo_core.ablate import (
     variant_table,
 )
 from popo_core.config import compose, to_flat_dict
-from popo_core.objective import build_objective
-from popo_core.siamese import kl_penalty, similarity_penalty
+from popo_core.algo.objective import build_objective
+from popo_core.algo.siamese import kl_penalty, similarity_penalty
 
 F64 = torch.float64
 INF = float("inf")
@@ -258,8 +258,8 @@ def test_momentum_network_stays_at_the_initial_weights(tmp_path):
     """Two real steps of full POPO, drop-momentum and drop-siamese from the same initial policy."""
     from safetensors.torch import load_file
 
-    from popo_core.models import load_model_and_tokenizer
-    from popo_core.train import train
+    from popo_core.model.loading import load_model_and_tokenizer
+    from popo_core.trainer.loop import train
 
     budget = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=2", "trainer.diagnostics_every=0",
               "tracking.enabled=false"]
@@ -315,7 +315,7 @@ class CrashAt(Reporter):
         self.name, self.step = name, step
 
     def run_callbacks(self, run, index, total):
-        from popo_core.train import Callbacks
+        from popo_core.trainer.loop import Callbacks
 
         if run.name != self.name:
             return None

@@ -1,4 +1,4 @@
-"""POPO and GRPO losses (popo_core/algos.py) against independent float64 references.
+"""POPO and GRPO losses (popo_core/algo/losses.py) against independent float64 references.
 
 The references below are written from METHOD.md (section 1 and "Baseline: GRPO") with plain
 Python loops over groups, completions and tokens; they share no helper with the implementation.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from popo_core.algos import Step, grpo_loss, grpo_step, group_advantages, popo_loss, popo_step
+from popo_core.algo.losses import Step, grpo_loss, grpo_step, group_advantages, popo_loss, popo_step
 
 F64 = torch.float64
 SEEDS = [0, 1, 2, 3]

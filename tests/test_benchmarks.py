@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from popo_core import benchmarks as bm
-from popo_core.data import Problem
+from popo_core.evaluation import suite as bm
+from popo_core.data.datasets import Problem
 from popo_core.errors import DataError
-from popo_core.grading import NORMALIZERS
+from popo_core.grading.math_grader import NORMALIZERS
 
 ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "gsm8k": 1319, "minerva_math": 272, "olympiadbench": 675}
 

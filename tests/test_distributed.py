@@ -1,4 +1,4 @@
-"""Several processes on CPU: FSDP2 over gloo under the real torchrun (popo_core/distributed.py).
+"""Several processes on CPU: FSDP2 over gloo under the real torchrun (popo_core/trainer/distributed.py).
 
 The same seed gives the same run on 1 and 2 processes (weights and logged metrics within 1e-4), and
 a 2-rank run killed with SIGKILL resumes from its sharded checkpoint to the weights of an
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from popo_core.distributed import Ranks
+from popo_core.trainer.distributed import Ranks
 
 SHORT = ["trainer.eval_every=2", "trainer.save_every=2", "trainer.diagnostics_every=2", "rollout.prompts_per_step=24",
          "rollout.group_size=8", "trainer.device=cpu", "tracking.enabled=false"]

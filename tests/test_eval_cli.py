@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import BENCH, run_popo
 
-from popo_core.benchmarks import BENCHMARKS
+from popo_core.evaluation.suite import BENCHMARKS
 
 @pytest.fixture
 def evaldir(tmp_path) -> Path:

@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from popo_core.data import Problem
-from popo_core.evaluate import (
+from popo_core.data.datasets import Problem
+from popo_core.evaluation.metrics import (
     EvalReport,
     bootstrap_interval,
     k_values,
@@ -17,7 +17,7 @@ from popo_core.evaluate import (
     summarize,
     wilson_interval,
 )
-from popo_core.rewards import Grade
+from popo_core.grading.verifiers import Grade
 
 
 # --------------------------------------------------------------------------------------- pass@k

@@ -3,7 +3,7 @@
 import pytest
 
 from popo_core.errors import ConfigError, ModelLoadError
-from popo_core.eval_run import EvalSettings, make_protocol, resolve_model, validate
+from popo_core.evaluation.runner import EvalSettings, make_protocol, resolve_model, validate
 
 
 def test_model_presets_carry_their_template():

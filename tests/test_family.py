@@ -1,7 +1,7 @@
 """The sign-separated family (METHOD.md, "The sign-separated family") and the registry.
 
 Each loss is checked against an independent float64 reference written from METHOD.md with Python
-loops (sharing nothing with popo_core.algos), with its gradient, a gradcheck, its micro-batch
+loops (sharing nothing with popo_core.algo.losses), with its gradient, a gradcheck, its micro-batch
 invariance through the registry's public entry points, the identities METHOD.md states, and which
 completions can receive gradient. Then the registry itself, and the rollout correction.
 """
@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from popo_core import algos
-from popo_core.algos import METHODS, policy_loss, rollout_divergence, rollout_weights, step_quantities
+from popo_core.algo import losses
+from popo_core.algo.losses import METHODS, policy_loss, rollout_divergence, rollout_weights, step_quantities
 from popo_core.config import compose, methods
 from test_algos import F64, SEEDS, close, differs, loss_and_grad, make_batch, masked_positions, partition_rows
 
@@ -315,4 +315,4 @@ def test_rollout_divergence_is_mean_abs_and_k3():
     assert d["kl"] == pytest.approx(sum(math.exp(x) - x - 1 for x in q))
     with pytest.raises(ValueError):
         rollout_weights(old, None, mask, mode="tis")
-    assert algos.ROLLOUT_CORRECTIONS == ("none", "tis", "mis")
+    assert losses.ROLLOUT_CORRECTIONS == ("none", "tis", "mis")

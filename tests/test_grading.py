@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from popo_core.evaluate import EvalReport, evaluate_problems, grade_responses
-from popo_core.data import Problem
-from popo_core.grading import (
+from popo_core.evaluation.metrics import EvalReport, evaluate_problems, grade_responses
+from popo_core.data.datasets import Problem
+from popo_core.grading.math_grader import (
     MathVerifier,
     last_boxed,
     olympiad_list,
@@ -16,8 +16,8 @@ from popo_core.grading import (
     strip_outer_braces,
     strip_thousands,
 )
-from popo_core.rewards import ExactMatch
-from popo_core.tasks import make_verifier
+from popo_core.grading.verifiers import ExactMatch
+from popo_core.data.tasks import make_verifier
 
 TIMEOUT = 2
 MEGABYTE_OF_BRACES = "\\boxed{" + "{" * 500_000 + "}" * 500_000 + "}"
@@ -93,7 +93,7 @@ def test_equivalent_forms_grade_equal(verifier):
         ("\\boxed{3.83 \\times 10^{35}}", "3.83e35", "program_numbers", True),
         ("\\boxed{3.83 \\times 10^{36}}", "3.83e35", "program_numbers", False),
         ("\\boxed{x = 3}", "3", "none", True),
-        # found by the grader audit (popo_core/grading_audit.py, docs/eval.md)
+        # found by the grader audit (popo_core/grading/audit.py, docs/eval.md)
         ("\\boxed{t(1,4]}", "t(0,4]", "olympiad", False),  # the normaliser made these equal
         ("\\boxed{t[0,4)}", "t(0,4]", "olympiad", False),
         ("\\boxed{t(0,4]}", "t(0,4]", "olympiad", True),

@@ -1,4 +1,4 @@
-"""The grader audit (popo_core/grading_audit.py, table in docs/eval.md): labelled responses from
+"""The grader audit (popo_core/grading/audit.py, table in docs/eval.md): labelled responses from
 the packaged gold answers, graded by popo and by math-verify alone.
 
 Two invariants, on a sample in the default suite and on every benchmark in the slow test:
@@ -7,9 +7,9 @@ popo and math-verify alone disagree, popo is the one that is right."""
 
 import pytest
 
-from popo_core import benchmarks as bm
-from popo_core.data import Problem
-from popo_core.grading_audit import Case, audit_sample, cases_for, grade_cases, off_by_one
+from popo_core.evaluation import suite as bm
+from popo_core.data.datasets import Problem
+from popo_core.grading.audit import Case, audit_sample, cases_for, grade_cases, off_by_one
 
 # (bench, id, kind) where popo's verdict differs from the label, and why (docs/eval.md)
 KNOWN = {
@@ -69,7 +69,7 @@ def test_audit_on_a_sample():
 @pytest.mark.slow
 def test_audit_on_every_benchmark():
     """The first 40 non-integer and 10 integer gold answers of every benchmark, and the pathological
-    inputs on each (`python -m popo_core.grading_audit` runs all 2,866 answers, about 10 minutes).
+    inputs on each (`python -m popo_core.grading.audit` runs all 2,866 answers, about 10 minutes).
     A 2 s first timeout: ordinary cases that time out are regraded with 60 s, and popo settles each
     pathological case quickly except `9^{9^{9^{9}}}`, which is wrong either way."""
     cases = []

@@ -1,4 +1,4 @@
-"""Mixed precision that learns, and LoRA with an adapter-sized momentum network (popo_core/networks.py).
+"""Mixed precision that learns, and LoRA with an adapter-sized momentum network (popo_core/trainer/companions.py).
 
 All on CPU with the tiny model: a bf16 run keeps fp32 masters that move at lr 1e-6; the momentum
 network is a second peft adapter averaged A and B each; POPO's extra memory over LoRA GRPO is the
@@ -16,10 +16,10 @@ import torch
 
 from conftest import tiny_overrides
 from popo_core.config import compose
-from popo_core.models import load_model_and_tokenizer
-from popo_core.networks import MOMENTUM, POLICY, adapter_params, merged_state_dict
-from popo_core.train import build, train
-from popo_core.update import StepInputs, backward, optimizer_step, recompute
+from popo_core.model.loading import load_model_and_tokenizer
+from popo_core.trainer.companions import MOMENTUM, POLICY, adapter_params, merged_state_dict
+from popo_core.trainer.loop import build, train
+from popo_core.trainer.update import StepInputs, backward, optimizer_step, recompute
 from test_update import fixed_batch
 
 pytest.importorskip("peft")
@@ -178,7 +178,7 @@ def test_lora_run_resumes_bit_for_bit_and_popo_eval_loads_it(tmp_path):
     assert rows[-1]["step"] == 6
 
     # popo eval's loader: the base (saved beside a random tiny base's adapter), the adapter merged.
-    from popo_core.eval_run import resolve_model
+    from popo_core.evaluation.runner import resolve_model
 
     cfg = resolve_model(str(tmp_path / "a" / "run"))
     model, tok = load_model_and_tokenizer(cfg, device=torch.device("cpu"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from popo_core.config import ModelConfig
-from popo_core.models import build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer, load_tokenizer, save_policy
-from popo_core.policy import collate, completion_forward
+from popo_core.model.loading import build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer, load_tokenizer, save_policy
+from popo_core.trainer.logprobs import collate, completion_forward
 from popo_core.rollout import cut_at_eos
 from popo_core.rollout.hf import HFEngine
 
@@ -111,7 +111,7 @@ def test_shared_prefill_samples_what_a_separate_prefill_samples(tiny, max_new_to
 
 def test_shared_prefill_through_a_peft_model():
     from popo_core.config import compose
-    from popo_core.networks import add_lora
+    from popo_core.trainer.companions import add_lora
 
     torch.manual_seed(0)
     cfg = compose("tiny", ["model.lora.rank=8"])

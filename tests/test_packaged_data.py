@@ -14,9 +14,9 @@ import pytest
 from conftest import REPO
 
 from popo_core import resources
-from popo_core.benchmarks import BENCHMARKS
+from popo_core.evaluation.suite import BENCHMARKS
 from popo_core.config import ConfigError, compose, config_dir, presets
-from popo_core.data import load_problems
+from popo_core.data.datasets import load_problems
 from popo_core.errors import DataError
 
 PROVENANCE = resources.BENCH_DIR / "PROVENANCE.md"

@@ -1,4 +1,4 @@
-"""The memory/FLOPs plan (popo_core/plan.py) against real models and the hand calculation.
+"""The memory/FLOPs plan (popo_core/trainer/sizing.py) against real models and the hand calculation.
 
 What is measured here, on CPU: parameter counts (exact, against transformers' Qwen2 built on the
 meta device at the presets' real sizes), bytes of weights, gradients, AdamW state and a momentum
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from popo_core import plan as P
+from popo_core.trainer import sizing as P
 from popo_core.config import ConfigError, compose
-from popo_core.models import build_tiny_model, build_tiny_tokenizer
-from popo_core.policy import collate, completion_forward
+from popo_core.model.loading import build_tiny_model, build_tiny_tokenizer
+from popo_core.trainer.logprobs import collate, completion_forward
 
 from conftest import assert_one_line_error, run_popo
 
@@ -191,7 +191,7 @@ def test_saved_activations_match_the_plan_exactly(dtype, checkpointing, kv_heads
         model.config.use_cache = False
     model.train()
     batch, prompt, completion = 3, 5, 7
-    # Distinct rows (repeated ones are forwarded once: popo_core/policy.py); the plan is for those.
+    # Distinct rows (repeated ones are forwarded once: popo_core/trainer/logprobs.py); the plan is for those.
     seqs = collate([[5 + b] + [5] * (prompt - 1) for b in range(batch)], [[6] * completion] * batch, 0, "cpu")
     assert seqs.input_ids.shape == (batch, prompt + completion - 1)
     stack, head = P.saved_activation_bytes(arch, batch, prompt, completion, dtype.itemsize, checkpointing)
@@ -323,9 +323,9 @@ def test_bad_plan_flags_are_one_line(workdir):
 
 
 def test_reference_rule_matches_the_registry():
-    from popo_core.algos import METHODS
+    from popo_core.algo.losses import METHODS
     from popo_core.config import AlgoConfig
-    from popo_core.plan import uses_reference
+    from popo_core.trainer.sizing import uses_reference
 
     for name, method in METHODS.items():
         if "+" in name:

@@ -1,4 +1,4 @@
-"""Repeated and prefix rows are forwarded once (popo_core/policy.py): the log-probs, hidden states,
+"""Repeated and prefix rows are forwarded once (popo_core/trainer/logprobs.py): the log-probs, hidden states,
 entropies and gradients are those of forwarding every row on its own, in float64."""
 
 import copy
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from popo_core.config import ModelConfig
-from popo_core.models import load_model_and_tokenizer
-from popo_core.policy import collate, completion_forward, completion_logprobs_and_entropy, fold
+from popo_core.model.loading import load_model_and_tokenizer
+from popo_core.trainer.logprobs import collate, completion_forward, completion_logprobs_and_entropy, fold
 
 
 @pytest.fixture(scope="module")

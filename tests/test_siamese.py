@@ -1,4 +1,4 @@
-"""Siamese momentum network and penalties (popo_core/siamese.py) against float64 references.
+"""Siamese momentum network and penalties (popo_core/algo/siamese.py) against float64 references.
 
 References follow METHOD.md sections 2 and 3 with plain Python loops over completions and tokens
 (vector arithmetic only inside one hidden state); the predictor reference is written out from the
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from popo_core.siamese import Predictor, kl_penalty, momentum_at, momentum_update_, similarity_penalty
+from popo_core.algo.siamese import Predictor, kl_penalty, momentum_at, momentum_update_, similarity_penalty
 
 F64 = torch.float64
 SEEDS = [0, 1, 2, 3]

@@ -20,7 +20,7 @@ FAST_HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "6"]
 
 
 def settings(tmp, knob="momentum", **kw):
-    from popo_core.sweep import SweepSettings
+    from popo_core.sweep.study import SweepSettings
 
     return SweepSettings(knob=knob, storage=f"sqlite:///{tmp}/optuna.db", overrides=kw.pop("overrides", SHORT), **kw)
 
@@ -60,7 +60,7 @@ def finished_runs(root: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------- fast tests
 def test_search_spaces_are_named_by_their_knobs():
-    from popo_core.search_space import knobs, load_space
+    from popo_core.sweep.space import knobs, load_space
 
     assert knobs() == ["all", "clip", "momentum", "penalty"]
     (m,) = load_space("momentum")
@@ -76,7 +76,7 @@ def test_search_spaces_are_named_by_their_knobs():
 
 
 def test_clip_sweep_with_one_step_per_batch_warns(workdir):
-    from popo_core.sweep import Sweep
+    from popo_core.sweep.study import Sweep
 
     one = Sweep(settings(workdir, "clip", overrides=SHORT + ["algo.epochs=1", "algo.mini_batches=1"]))
     assert len([n for n in one.notes if n.startswith("warning") and "algo.mini_batches" in n]) == 1
@@ -84,7 +84,7 @@ def test_clip_sweep_with_one_step_per_batch_warns(workdir):
 
 
 def test_grid_caps_the_target_and_a_study_keeps_its_knob(workdir):
-    from popo_core.sweep import Sweep, SweepError
+    from popo_core.sweep.study import Sweep, SweepError
 
     grid = Sweep(settings(workdir, sampler="grid", trials=10))
     assert grid.target == 4 and any("4 points" in n for n in grid.notes)
@@ -94,7 +94,7 @@ def test_grid_caps_the_target_and_a_study_keeps_its_knob(workdir):
 
 def test_a_trial_beyond_the_target_runs_nothing(workdir):
     """Two workers may both see room for the last trial; the later-numbered one steps back."""
-    from popo_core.sweep import Reporter, SurplusTrial, Sweep
+    from popo_core.sweep.study import Reporter, SurplusTrial, Sweep
 
     job = Sweep(settings(workdir, trials=1))
     job.reporter, job.runs, job.parent_id = Reporter(), None, None
@@ -160,7 +160,7 @@ def test_momentum_sweep_on_tiny(workdir):
     assert "importances skipped" in proc.stdout  # one parameter: importance undefined
 
     # The same command on a finished study runs nothing.
-    from popo_core.sweep import Sweep
+    from popo_core.sweep.study import Sweep
 
     again = Sweep(settings(workdir, trials=4)).run()
     assert again.ran == 0 and len(again.rows) == 4
@@ -171,7 +171,7 @@ def test_momentum_sweep_on_tiny(workdir):
 def test_pruned_trial_ends_cleanly(workdir):
     import optuna
 
-    from popo_core.sweep import Sweep
+    from popo_core.sweep.study import Sweep
 
     job = Sweep(settings(workdir, trials=1))
     job.study.pruner = optuna.pruners.ThresholdPruner(lower=2.0, n_warmup_steps=4)  # accuracy < 2: always
@@ -256,8 +256,8 @@ def test_two_workers_share_one_study(tmp_path):
     ("mysql+pymysql://popo:pw-x1@127.0.0.1:1/optuna", "pymysql", "pip install pymysql"),
 ])
 def test_a_missing_database_driver_is_named_with_its_install_command(monkeypatch, url, module, hint):
-    from popo_core.study_storage import open_storage
-    from popo_core.sweep import SweepError
+    from popo_core.sweep.storage import open_storage
+    from popo_core.sweep.study import SweepError
 
     monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now fails as if not installed
     with pytest.raises(SweepError) as err:
@@ -276,7 +276,7 @@ def test_a_trial_taken_over_by_another_worker_stops_and_its_retry_finishes_it(wo
     but Optuna refuses its result. Either way the sweep goes on: here this worker runs the retry."""
     import optuna
 
-    from popo_core.sweep import Reporter, Sweep
+    from popo_core.sweep.study import Reporter, Sweep
 
     job = Sweep(settings(workdir, trials=1, heartbeat_interval=1, grace_period=5))
 

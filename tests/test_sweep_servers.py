@@ -282,7 +282,7 @@ def test_workers_opening_a_new_postgres_study_together_do_not_race(servers, tmp_
     pg, _ = servers
     pg.create_database("race")
     code = ("import sys, time\n"
-            "from popo_core.study_storage import open_storage\n"
+            "from popo_core.sweep.storage import open_storage\n"
             "import optuna.storages, sqlalchemy, psycopg\n"
             "assert time.time() < float(sys.argv[2]), 'imports outlasted the common start'\n"
             "while time.time() < float(sys.argv[2]): time.sleep(0.001)\n"

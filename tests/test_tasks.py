@@ -7,11 +7,11 @@ from itertools import islice
 
 import pytest
 
-from popo_core import tasks
+from popo_core.data import tasks
 from popo_core.config import ConfigError, DataConfig, compose
-from popo_core.data import tiny_split
-from popo_core.rewards import ExactMatch, FinalAnswer
-from popo_core.tasks import make_verifier
+from popo_core.data.datasets import tiny_split
+from popo_core.grading.verifiers import ExactMatch, FinalAnswer
+from popo_core.data.tasks import make_verifier
 
 
 def arith(**kw) -> DataConfig:

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import run_popo
 
-from popo_core import benchmarks as bm
-from popo_core import synthetic_eval, warmstart
+from popo_core.evaluation import suite as bm
+from popo_core.evaluation import synthetic
+from popo_core.model import warmstart
 from popo_core.config import compose
-from popo_core.tasks import load_task
+from popo_core.data.tasks import load_task
 
 SMALL = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "warmstart.steps=30",
          "warmstart.batch_size=16", "warmstart.warmup_steps=5", "warmstart.lr=1e-2", "data.train_size=60",
@@ -77,8 +78,8 @@ def test_eval_arith_prints_the_pass_at_k_curve_on_the_held_out_prompts(built, tm
 
 
 def test_bench_all_stays_the_math_suite():
-    assert synthetic_eval.split_names(["all"]) == ([], ["all"])
-    assert synthetic_eval.split_names(["arith,math500", "arith"]) == (["arith"], ["math500"])
+    assert synthetic.split_names(["all"]) == ([], ["all"])
+    assert synthetic.split_names(["arith,math500", "arith"]) == (["arith"], ["math500"])
     assert [b.name for b in bm.resolve(["all"])] == list(bm.BENCHMARKS) and "arith" not in bm.BENCHMARKS
     assert len(bm.BENCHMARKS) == 7
 

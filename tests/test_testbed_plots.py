@@ -55,11 +55,11 @@ def test_draws_the_files_it_is_given(tmp_path, figure, write, mean):
 
 def test_table_against_a_direct_computation(tmp_path):
     """Means over seeds, paired differences and the bootstrap, recomputed from the counts with
-    math.comb in float64 (the script uses popo_core.evaluate's product form)."""
+    math.comb in float64 (the script uses popo_core.evaluation.metrics's product form)."""
     import math
     import random
 
-    from popo_core.evaluate import bootstrap_interval
+    from popo_core.evaluation.metrics import bootstrap_interval
 
     plots = load_script()
     rng = random.Random(0)

@@ -5,8 +5,8 @@ import torch
 
 from conftest import tiny_overrides
 from popo_core.config import ConfigError, compose
-from popo_core.rewards import Grade
-from popo_core.train import Callbacks, Trainer, TrainingAborted, train
+from popo_core.grading.verifiers import Grade
+from popo_core.trainer.loop import Callbacks, Trainer, TrainingAborted, train
 
 REQUIRED_METRICS = [
     "reward/mean", "positives/fraction", "groups/no_positive_fraction", "clip/fraction", "penalty/similarity",
@@ -56,7 +56,7 @@ def test_mlflow_holds_every_step_before_each_checkpoint(workdir, monkeypatch):
     in the MLflow store: a resume from it skips exactly the steps MLflow has (TrainingRun.save)."""
     import mlflow
 
-    from popo_core import checkpoint
+    from popo_core.trainer import checkpoint
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     held, save = {}, checkpoint.save
@@ -75,7 +75,7 @@ def test_mlflow_holds_every_step_before_each_checkpoint(workdir, monkeypatch):
 def test_final_policy_loads_with_transformers(workdir):
     from transformers import AutoModelForCausalLM
 
-    from popo_core.models import load_tokenizer
+    from popo_core.model.loading import load_tokenizer
 
     train(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 2})))
     model = AutoModelForCausalLM.from_pretrained(workdir / "run")
@@ -155,12 +155,12 @@ def test_batch_without_positives_is_skipped(workdir, monkeypatch):
         def __call__(self, responses, golds):
             return [Grade(False, r, "ok") for r in responses]
 
-    monkeypatch.setattr("popo_core.train.make_verifier", lambda task: Never())
+    monkeypatch.setattr("popo_core.trainer.loop.make_verifier", lambda task: Never())
     trainer = Trainer(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 2, "trainer.eval_every": 0})))
     result = trainer.run()
     assert result.metrics["train/skipped_updates"] == result.metrics["train/updates"] > 0
     initial = compose("tiny").model
-    from popo_core.models import load_model_and_tokenizer
+    from popo_core.model.loading import load_model_and_tokenizer
 
     fresh, _ = load_model_and_tokenizer(initial, device=torch.device("cpu"), seed=0)
     for k, v in policy_state(workdir / "run").items():
@@ -170,7 +170,7 @@ def test_batch_without_positives_is_skipped(workdir, monkeypatch):
 def test_non_finite_losses_abort_after_k_in_a_row(workdir, monkeypatch):
     import dataclasses
 
-    from popo_core import objective as objective_module
+    from popo_core.algo import objective as objective_module
 
     real = objective_module.build_objective
 
@@ -183,7 +183,7 @@ def test_non_finite_losses_abort_after_k_in_a_row(workdir, monkeypatch):
 
         return dataclasses.replace(obj, method=dataclasses.replace(obj.method, loss=nan_loss))
 
-    monkeypatch.setattr("popo_core.train.build_objective", poisoned)
+    monkeypatch.setattr("popo_core.trainer.loop.build_objective", poisoned)
     cfg = compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 50, "trainer.max_nonfinite": 3, "optim.lr": 1e-2}))
     with pytest.raises(TrainingAborted, match="3 non-finite"):
         train(cfg)

@@ -1,4 +1,4 @@
-"""The update through the real trainer (popo_core/update.py) on a fixed rollout batch.
+"""The update through the real trainer (popo_core/trainer/update.py) on a fixed rollout batch.
 
 For every registered method: one optimizer step's backward, split into micro-batches that cut
 groups apart, gives the gradient of the method's loss (plus the siamese penalty where it is on)
@@ -13,14 +13,14 @@ import random
 import pytest
 import torch
 
-from popo_core.algos import policy_loss
+from popo_core.algo.losses import policy_loss
 from popo_core.config import compose
-from popo_core.objective import method_name
-from popo_core.policy import collate, completion_forward
+from popo_core.algo.objective import method_name
+from popo_core.trainer.logprobs import collate, completion_forward
 from popo_core.rollout import Rollouts
-from popo_core.siamese import PENALTIES
-from popo_core.train import build
-from popo_core.update import Batch, StepInputs, backward, recompute, update
+from popo_core.algo.siamese import PENALTIES
+from popo_core.trainer.loop import build
+from popo_core.trainer.update import Batch, StepInputs, backward, recompute, update
 
 CASES = {
     "popo": ["algo=popo"],
@@ -130,7 +130,7 @@ def test_one_step_through_the_trainer_is_the_methods_gradient(case, tmp_path):
         total = sums["loss/policy"] + cfg.algo.penalty_weight * sums["penalty"]
         assert total == pytest.approx(expected_loss, rel=1e-9, abs=1e-12), micro
         # Float64, but Qwen2's RMSNorm computes in fp32: the micro-batches fold repeated rows
-        # differently (popo_core/policy.py), so their gradients meet before or after that rounding.
+        # differently (popo_core/trainer/logprobs.py), so their gradients meet before or after that rounding.
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7 * float(e.abs().max()))
 

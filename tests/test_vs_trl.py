@@ -4,7 +4,7 @@ TRL is not a popo dependency: these tests run where TRL is importable (benchmark
 and used by `benchmarks/vs_trl`, which runs this file before every measurement) and are skipped
 with the reason elsewhere. TRL is called for real: its `_generate_and_score_completions` gives the
 advantages and its `compute_loss` the loss; popo's side is `popo_core.algos.policy_loss("grpo", ...)`
-on log-probs from `popo_core.policy.completion_forward`. Aligned: loss_type="grpo" with
+on log-probs from `popo_core.trainer.logprobs.completion_forward`. Aligned: loss_type="grpo" with
 seq_mean_token_mean, beta=0 with kl_beta=0, scale_rewards="group" with scale_std, TRL's fixed
 advantage epsilon 1e-4 with algo.adv_eps=1e-4, epsilon=0.2 with clip_eps=0.2, temperature 1, and no
 token suppression in the log-probs (TRL's softmax is over the whole vocabulary).
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(
            "`.venv/bin/python benchmarks/vs_trl` builds it in benchmarks/.venv-trl and runs this file")
 
 from popo_core.algos import group_advantages, policy_loss  # noqa: E402
-from popo_core.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-from popo_core.policy import collate, completion_forward  # noqa: E402
+from popo_core.model.loading import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from popo_core.trainer.logprobs import collate, completion_forward  # noqa: E402
 
 ADV_EPS = 1e-4  # hard-coded in TRL's advantage
 GROUP = 4

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from popo_core import warmstart
+from popo_core.model import warmstart
 from popo_core.config import ModelConfig, compose
 from popo_core.errors import ModelLoadError
-from popo_core.models import build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer
+from popo_core.model.loading import build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer
 
 SMALL = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "warmstart.steps=3",
          "warmstart.batch_size=4", "warmstart.warmup_steps=1", "data.train_size=50", "data.eval_size=5",
@@ -95,7 +95,7 @@ def test_sft_loss_and_gradient_match_a_float64_cross_entropy_over_completion_tok
 def test_sft_learns_and_is_deterministic():
     cfg = compose("arith", SMALL + ["warmstart.steps=30", "warmstart.batch_size=8", "warmstart.warmup_steps=5",
                                     "warmstart.lr=1e-2"])
-    from popo_core.tasks import arith_sft_examples
+    from popo_core.data.tasks import arith_sft_examples
 
     def run():
         tok = build_tiny_tokenizer()

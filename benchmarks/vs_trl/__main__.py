@@ -97,10 +97,10 @@ def save_model(shape: Shape, seed: int, where: Path) -> tuple[Path, str]:
     """popo's model for `seed`, built exactly as `popo train` builds it, saved with save_pretrained."""
     import torch
 
-    from popo_core.models import load_model_and_tokenizer, save_policy
+    from popo_core.model.loading import load_model_and_tokenizer, save_policy
     from trl_side import weights_digest
 
-    from popo_core import warmstart
+    from popo_core.model import warmstart
 
     cfg = warmstart.ensure(compose_popo(shape, "grpo", shape.steps))  # arith: its cached warm start, built if need be
     path = where / f"model-{shape.preset}-seed{seed}"
@@ -111,7 +111,7 @@ def save_model(shape: Shape, seed: int, where: Path) -> tuple[Path, str]:
 
 
 def task_spec(shape: Shape, steps: int) -> dict:
-    from popo_core.train import load_task
+    from popo_core.trainer.loop import load_task
 
     cfg = compose_popo(shape, "grpo", steps)
     train_set, eval_set = load_task(cfg)

@@ -4,7 +4,7 @@
 
 SPEC (written by vs_trl.py) names the saved popo model, the task's problems, the shape, the learning
 rate and the seed. popo's repository is on PYTHONPATH: the held-out evaluation and the reward are
-popo's own functions (popo_core.evaluate, popo_core.rewards), so both tools are graded alike.
+popo's own functions (popo_core.evaluation.metrics, popo_core.grading.verifiers), so both tools are graded alike.
 Writes one JSON line per rollout step to SPEC["out"] (and step 0: the evaluation before training).
 """
 
@@ -25,9 +25,9 @@ def main(spec_path: str) -> None:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from popo_core.data import Problem
-    from popo_core.evaluate import evaluate_problems
-    from popo_core.tasks import make_verifier
+    from popo_core.data.datasets import Problem
+    from popo_core.evaluation.metrics import evaluate_problems
+    from popo_core.data.tasks import make_verifier
     from popo_core.rollout.hf import HFEngine
 
     # PITFALLS.md: AutoTokenizer on a qwen2 directory returns a byte-level tokenizer; load the local one as itself.

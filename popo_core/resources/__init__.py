@@ -14,7 +14,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent / "bench"
 
-# packaged name -> file in bench/ (the benchmark names match popo_core.benchmarks.BENCHMARKS)
+# packaged name -> file in bench/ (the benchmark names match popo_core.evaluation.suite.BENCHMARKS)
 PACKAGED: dict[str, str] = {
     "aime24": "aime24.jsonl",
     "aime25": "aime25.jsonl",

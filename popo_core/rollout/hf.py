@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from popo_core.rollout import Rollouts, cut_at_eos, eos_ids, suppressed_ids
-from popo_core.policy import backbone
+from popo_core.trainer.logprobs import backbone
 from popo_core.rollout.sampling import GumbelSampler, row_keys
 
 

@@ -1,13 +1,13 @@
 """Generation over several ranks: each rank samples its share of the step's prompts with its own
 whole copy of the policy (or its own vLLM), and the shares are gathered, so every rank holds the
 whole rollout batch. Weights reach the copy as full tensors gathered from the FSDP shards at each
-push (popo_core/distributed.py)."""
+push (popo_core/trainer/distributed.py)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from popo_core.distributed import Ranks, full_state_dict
+from popo_core.trainer.distributed import Ranks, full_state_dict
 from popo_core.rollout import Rollouts
 
 

@@ -1,7 +1,7 @@
 """The task registry: a task name -> (train problems, held-out problems), graded by its verifier.
 
 `popo train` asks `load_task(cfg)` for its prompts and `make_verifier(task)` for their grader
-(the verifiers themselves live in popo_core.rewards and popo_core.grading). Tasks:
+(the verifiers themselves live in popo_core.grading.verifiers and popo_core.grading.math_grader). Tasks:
 - `tiny`: single-digit sums mod `data.modulus` (one-token answers), exact match.
 - `arith`: a chain of single-digit additions; the completion writes a worked trace, every partial
   sum, then EOS ("3+7+5=" -> "3+7=10,10+5=15"), graded on its final answer. A hash of
@@ -17,7 +17,7 @@ import random
 import zlib
 from typing import Callable, Iterator
 
-from popo_core.data import Problem, load_problems, tiny_split
+from popo_core.data.datasets import Problem, load_problems, tiny_split
 from popo_core.errors import ConfigError
 
 ARITH_DEFAULT_EVAL_SIZE = 200
@@ -131,15 +131,15 @@ SFT_EXAMPLES: dict[str, Callable] = {"arith": arith_sft_examples}
 
 def make_verifier(task: str, **kwargs):
     """`tiny` -> exact match; `arith` -> exact final answer; `math` -> math-verify in a process pool
-    (popo_core.grading)."""
-    from popo_core.rewards import ExactMatch, FinalAnswer
+    (popo_core.grading.math_grader)."""
+    from popo_core.grading.verifiers import ExactMatch, FinalAnswer
 
     if task == "tiny":
         return ExactMatch()
     if task == "arith":
         return FinalAnswer()
     if task == "math":
-        from popo_core.grading import MathVerifier
+        from popo_core.grading.math_grader import MathVerifier
 
         return MathVerifier(**kwargs)
     raise ValueError(f"unknown task {task!r} (choose from: {', '.join(TASKS)})")

@@ -17,7 +17,7 @@ from typing import Optional
 from popo_core.config import Config, ConfigError
 
 GIB = 2**30
-# Mirrors of the tiny builder (popo_core.models, tested equal there), so planning needs no torch:
+# Mirrors of the tiny builder (popo_core.model.loading, tested equal there), so planning needs no torch:
 TINY_VOCAB_SIZE = 101  # 4 special tokens + 97 characters
 TINY_INTERMEDIATE_FACTOR = 4  # intermediate_size = 4 * hidden_size, one KV head per head
 TINY_MAX_POSITIONS = 4096
@@ -130,7 +130,7 @@ def saved_activation_bytes(arch: Arch, batch: int, prompt: int, completion: int,
     stack = tokens * (L * (h * p if checkpointing else layer))
     # Input ids (int64), the final norm (fp32 input, rstd, output), RoPE cos/sin (shared by the batch).
     stack += tokens * (8 + 4 * h + 4 + h * p) + (0 if checkpointing else 2 * seq * arch.head_dim * p)
-    # Completion positions only (distinct ones, popo_core/policy.py): the states' index, hidden states
+    # Completion positions only (distinct ones, popo_core/trainer/logprobs.py): the states' index, hidden states
     # into the head, log-softmax (fp32), the tokens' index into it and targets (int64), the mask.
     n = batch * completion
     head = n * (8 + h * p + 4 * arch.vocab + 8 + 8 + 1)
@@ -180,7 +180,7 @@ class Plan:
 
 def uses_reference(algo) -> bool:
     """A frozen reference model: GRPO with kl_beta > 0, the registry's only such method (kept
-    torch-free here; tests/test_plan.py checks it against popo_core.algos)."""
+    torch-free here; tests/test_plan.py checks it against popo_core.algo.losses)."""
     return algo.kl_beta > 0 and algo.name == "grpo"
 
 

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from popo_core import checkpoint
+from popo_core.trainer import checkpoint
 from popo_core.config import Config, ConfigError, to_flat_dict, to_yaml
 
 # Settings a resumed run may change: budget, cadence and where things are logged.
@@ -55,7 +55,7 @@ class TrainingRun:
     the result."""
 
     def __init__(self, cfg: Config, callbacks: Callbacks | None = None, ranks=None):
-        from popo_core.distributed import from_env
+        from popo_core.trainer.distributed import from_env
 
         self.cfg = cfg
         self.ranks = ranks or from_env(cfg.trainer.device)[0]  # under torchrun: joins the process group
@@ -191,7 +191,7 @@ class TrainingRun:
                         predictor=learner.predictor, base_name=self.cfg.model.name_or_path)
 
     def finish(self, metrics: dict[str, float]) -> TrainResult:
-        from popo_core.models import save_policy
+        from popo_core.model.loading import save_policy
         from popo_core.plots import training_curves
 
         out = self.output_dir

@@ -103,9 +103,9 @@ def build(cfg, path: Path, progress: Progress | None = None) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from popo_core.data import render
-    from popo_core.models import build_tiny_model, build_tiny_tokenizer, resolve_dtype, save_policy
-    from popo_core.tasks import SFT_EXAMPLES, load_task
+    from popo_core.data.datasets import render
+    from popo_core.model.loading import build_tiny_model, build_tiny_tokenizer, resolve_dtype, save_policy
+    from popo_core.data.tasks import SFT_EXAMPLES, load_task
 
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -202,8 +202,8 @@ def greedy_accuracy(model, tokenizer, problems, task: str, *, template: str, max
     """Greedy accuracy on `problems` (the trainer's held-out metric), for the record."""
     if not problems:
         return None
-    from popo_core.evaluate import evaluate_problems
-    from popo_core.tasks import make_verifier
+    from popo_core.evaluation.metrics import evaluate_problems
+    from popo_core.data.tasks import make_verifier
     from popo_core.rollout.hf import HFEngine
 
     report = evaluate_problems(HFEngine(model, tokenizer), tokenizer, problems, make_verifier(task),

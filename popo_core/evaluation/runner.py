@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from popo_core import benchmarks as bm
-from popo_core import synthetic_eval
-from popo_core.data import TEMPLATES, Problem
+from popo_core.evaluation import suite as bm
+from popo_core.evaluation import synthetic
+from popo_core.data.datasets import TEMPLATES, Problem
 from popo_core.errors import ConfigError, DataError, ModelLoadError
-from popo_core.evaluate import BenchmarkSummary, EvalReport, evaluate_problems, grade_responses, summarize
-from popo_core.grading import EXTRACTION, MathVerifier
+from popo_core.evaluation.metrics import BenchmarkSummary, EvalReport, evaluate_problems, grade_responses, summarize
+from popo_core.grading.math_grader import EXTRACTION, MathVerifier
 
 # progress(description, total) -> advance(n)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -108,7 +108,7 @@ def resolve_model(spec: str, template: str | None = None):
     from omegaconf import OmegaConf
 
     from popo_core.config import ModelConfig, config_dir
-    from popo_core.data import looks_like_path
+    from popo_core.data.datasets import looks_like_path
 
     if spec in model_presets():
         raw = OmegaConf.load(config_dir() / "model" / f"{spec}.yaml")
@@ -192,9 +192,9 @@ def _no_progress(description: str, total: int) -> Callable[[int], None]:
 
 def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalResult:
     validate(s)
-    synthetic, named = synthetic_eval.split_names(s.benches)
-    if synthetic:
-        return _run_synthetic(s, synthetic, named, progress)
+    synthetic_names, named = synthetic.split_names(s.benches)
+    if synthetic_names:
+        return _run_synthetic(s, synthetic_names, named, progress)
     benches = bm.resolve(s.benches)
     if s.data and len(benches) > 1:
         raise ConfigError("--data FILE replaces one benchmark's problems; give a single --bench with it")
@@ -233,16 +233,16 @@ def _finish(s: EvalSettings, result: EvalResult, experiment: str | None) -> Eval
 
 
 def _run_synthetic(s: EvalSettings, names: list[str], others: list[str], progress: ProgressFactory) -> EvalResult:
-    """Synthetic tasks (popo_core.synthetic_eval): their held-out prompts, graded by their verifier."""
+    """Synthetic tasks (popo_core.evaluation.synthetic): their held-out prompts, graded by their verifier."""
     import dataclasses
 
-    from popo_core.tasks import make_verifier
+    from popo_core.data.tasks import make_verifier
 
     if others:
         raise ConfigError(f"--bench {names[0]} is a synthetic task: evaluate it on its own, not with {others[0]}")
     if s.responses or s.data:
         raise ConfigError(f"--bench {names[0]} generates its own held-out prompts: give --model, not --responses or --data")
-    held = [synthetic_eval.held_out(name, s.model) for name in names]  # bad settings fail before any work
+    held = [synthetic.held_out(name, s.model) for name in names]  # bad settings fail before any work
     experiment = _experiment(s) if s.tracking else None
     model_cfg = resolve_model(s.model, s.template)  # type: ignore[arg-type]
     if s.eval_max_new_tokens is None:
@@ -251,8 +251,8 @@ def _run_synthetic(s: EvalSettings, names: list[str], others: list[str], progres
     protocol = make_protocol(s, "", model.template)
     protocol = dataclasses.replace(
         protocol, source=f"{protocol.source}; " + "; ".join(src for _, _, src in held),
-        extraction="; ".join(synthetic_eval.EXTRACTION[n] for n in names),
-        grader="; ".join(synthetic_eval.GRADER[n] for n in names))
+        extraction="; ".join(synthetic.EXTRACTION[n] for n in names),
+        grader="; ".join(synthetic.GRADER[n] for n in names))
     result = EvalResult(protocol)
     for name, (bench, problems, src) in zip(names, held):
         problems = problems[: s.limit] if s.limit else problems
@@ -285,7 +285,7 @@ class _Model:
 
         import torch
 
-        from popo_core.models import load_model_and_tokenizer, resolve_device
+        from popo_core.model.loading import load_model_and_tokenizer, resolve_device
         from popo_core.rollout import make_engine
 
         if s.threads:
@@ -328,7 +328,7 @@ def _vllm_engine(s: EvalSettings, cfg, device):
     import torch
 
     from popo_core.config import RolloutConfig
-    from popo_core.models import load_model_and_tokenizer, resolve_dtype
+    from popo_core.model.loading import load_model_and_tokenizer, resolve_dtype
     from popo_core.rollout import make_engine
     from popo_core.rollout.vllm import named_tensors
 

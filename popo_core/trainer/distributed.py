@@ -98,7 +98,7 @@ def shard(model, compute_dtype: torch.dtype):
     fp32 sharded masters; with bf16 compute a MixedPrecisionPolicy casts parameters to bf16 for
     forward/backward and reduces gradients in fp32. popo calls the backbone and the head itself
     (the head only at completion positions), so each is its own FSDP root; a tied head reads the
-    backbone's gathered embedding (popo_core/policy.py)."""
+    backbone's gathered embedding (popo_core/trainer/logprobs.py)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

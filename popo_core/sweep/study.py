@@ -21,8 +21,8 @@ from typing import Any
 
 from popo_core.config import Config, compose, validate
 from popo_core.errors import ConfigError, first_line
-from popo_core.search_space import Param, SweepError, load_space, set_key
-from popo_core.study_storage import DEFAULT_STORAGE, open_storage
+from popo_core.sweep.space import Param, SweepError, load_space, set_key
+from popo_core.sweep.storage import DEFAULT_STORAGE, open_storage
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
@@ -97,7 +97,7 @@ class Reporter:
 
     def trial_finished(self, row: TrialRow) -> None: ...
 
-    def training(self, number: int):  # a popo_core.train.Callbacks progress display, or None
+    def training(self, number: int):  # a popo_core.trainer.loop.Callbacks progress display, or None
         return None
 
 
@@ -192,7 +192,7 @@ class Sweep:
         import optuna
         from optuna.trial import TrialState
 
-        from popo_core.train import TrainingAborted
+        from popo_core.trainer.loop import TrainingAborted
 
         self.reporter = reporter or Reporter()
         start = time.time()
@@ -269,8 +269,8 @@ class Sweep:
         from optuna.storages import RetryHeartbeatStaleTrialCallback
         from optuna.trial import TrialState
 
-        from popo_core import checkpoint
-        from popo_core.train import Trainer
+        from popo_core.trainer import checkpoint
+        from popo_core.trainer.loop import Trainer
 
         self._current = trial.number
         trials = self.study.get_trials(deepcopy=False)
@@ -354,7 +354,7 @@ class Sweep:
         t = self.base.tracking
         if not t.enabled:
             return None
-        from popo_core.sweep_mlflow import StudyRuns
+        from popo_core.sweep.mlflow_layout import StudyRuns
         from popo_core.tracking import redact
 
         runs = StudyRuns(t.uri, t.experiment, self.name)

@@ -1,6 +1,6 @@
 """`popo eval --bench arith`: a synthetic task's held-out prompts, generated and graded exactly.
 
-Synthetic tasks (popo_core.tasks.SYNTHETIC) are named explicitly; `--bench all` stays the math
+Synthetic tasks (popo_core.data.tasks.SYNTHETIC) are named explicitly; `--bench all` stays the math
 suite. Their problems are the held-out prompts of the task's data settings, read from the run's
 config.yaml next to `--model` (a `popo train` run directory or a built warm start), so a model is
 scored on the very prompts the trainer held out; without one, the task's defaults
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from popo_core import benchmarks as bm
+from popo_core.evaluation import suite as bm
 from popo_core.errors import ConfigError, DataError, first_line
 
 
 def split_names(names: list[str]) -> tuple[list[str], list[str]]:
     """(synthetic task names, the other --bench values), in the order given, duplicates dropped."""
-    from popo_core.tasks import SYNTHETIC
+    from popo_core.data.tasks import SYNTHETIC
 
     synthetic, rest = [], []
     for name in names:
@@ -67,7 +67,7 @@ def data_settings(task: str, model: str | None):
 
 def held_out(task: str, model: str | None) -> tuple[bm.Benchmark, list, str]:
     """(a Benchmark record for the tables and files, the held-out problems, their source line)."""
-    from popo_core.tasks import TASKS
+    from popo_core.data.tasks import TASKS
 
     d, where = data_settings(task, model)
     _, problems = TASKS[task](d)
@@ -78,4 +78,4 @@ def held_out(task: str, model: str | None) -> tuple[bm.Benchmark, list, str]:
 
 
 EXTRACTION = {"arith": "the text after the completion's last '=' (the worked trace's final answer)"}
-GRADER = {"arith": "exact match of the final answer (popo_core.rewards.FinalAnswer)"}
+GRADER = {"arith": "exact match of the final answer (popo_core.grading.verifiers.FinalAnswer)"}

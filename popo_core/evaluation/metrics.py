@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from popo_core.data import Problem, prompt_ids
-from popo_core.rewards import Grade, Verifier, grade_counts
+from popo_core.data.datasets import Problem, prompt_ids
+from popo_core.grading.verifiers import Grade, Verifier, grade_counts
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from popo_core import resources
-from popo_core.data import Problem, load_problems
+from popo_core.data.datasets import Problem, load_problems
 from popo_core.errors import DataError, first_line
 
 
@@ -27,7 +27,7 @@ class Benchmark:
     problem_key: str
     answer_key: str
     id_key: str | None  # None: the row index
-    normalize: str  # popo_core.grading.NORMALIZERS
+    normalize: str  # popo_core.grading.math_grader.NORMALIZERS
     config: str | None = None  # Hub config (subset) name
     answer_format: str = "plain"  # plain | after_hashes (gsm8k: text after "####") | first (a list)
 

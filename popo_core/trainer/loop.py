@@ -1,6 +1,6 @@
 """One training run: rollout -> reward -> update -> log -> checkpoint (`train`, on one screen).
 
-The update (popo_core/update.py) is the method; the run's life (popo_core/run.py) is the output
+The update (popo_core/trainer/update.py) is the method; the run's life (popo_core/trainer/lifecycle.py) is the output
 directory, resume, MLflow and the result files; this module builds the networks and holds the loop.
 """
 
@@ -13,21 +13,21 @@ import time
 
 import torch
 
-from popo_core import distributed
+from popo_core.trainer import distributed
 from popo_core.config import Config, ConfigError
-from popo_core.data import Problem, prompt_ids
-from popo_core.evaluate import evaluate_problems
-from popo_core.models import load_model_and_tokenizer, resolve_device, resolve_dtype
-from popo_core.networks import add_lora, momentum_network, reference_network
-from popo_core.objective import build_objective
-from popo_core.rewards import grade_counts
+from popo_core.data.datasets import Problem, prompt_ids
+from popo_core.evaluation.metrics import evaluate_problems
+from popo_core.model.loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+from popo_core.trainer.companions import add_lora, momentum_network, reference_network
+from popo_core.algo.objective import build_objective
+from popo_core.grading.verifiers import grade_counts
 from popo_core.rollout import Rollouts, make_engine
 from popo_core.rollout.sampling import prompt_keys
 from popo_core.rollout.sharded import ShardedEngine
-from popo_core.run import Callbacks, TrainingRun, TrainResult  # noqa: F401  (re-exported)
-from popo_core.siamese import Predictor
-from popo_core.tasks import load_task, make_verifier
-from popo_core.update import Batch, Learner, TrainingAborted, update  # noqa: F401  (re-exported)
+from popo_core.trainer.lifecycle import Callbacks, TrainingRun, TrainResult  # noqa: F401  (re-exported)
+from popo_core.algo.siamese import Predictor
+from popo_core.data.tasks import load_task, make_verifier
+from popo_core.trainer.update import Batch, Learner, TrainingAborted, update  # noqa: F401  (re-exported)
 
 
 def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | None = None) -> TrainResult:
@@ -86,7 +86,7 @@ def build(cfg: Config):
     Trainable weights, optimizer states and the momentum network are fp32 (master weights) and
     forward/backward run in `model.dtype` under autocast; with LoRA the frozen base stays in
     `model.dtype` and only the fp32 adapter trains."""
-    from popo_core import warmstart
+    from popo_core.model import warmstart
 
     t, a, o = cfg.trainer, cfg.algo, cfg.optim
     objective = build_objective(a, group_size=cfg.rollout.group_size)  # a bad combination fails before any loading
@@ -153,7 +153,7 @@ def _permutation(n: int, seed: int) -> list[int]:
 # --------------------------------------------------------------------------- around the update
 def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config, learner) -> float:
     """Held-out greedy accuracy (the same pass as `popo eval`, with a packaged benchmark's normaliser)."""
-    from popo_core.benchmarks import BENCHMARKS
+    from popo_core.evaluation.suite import BENCHMARKS
 
     r = cfg.rollout
     bench = BENCHMARKS.get(cfg.data.eval_path or "")

@@ -7,7 +7,7 @@ gold answer in another form is right, a changed number or bracket is wrong. The 
 benchmark and kind of case, how often each grader agrees with the label and where the two graders
 disagree. docs/eval.md has the table; tests/test_grading_audit.py runs it.
 
-    .venv/bin/python -m popo_core.grading_audit [--bench NAME ...] [--show N]
+    .venv/bin/python -m popo_core.grading.audit [--bench NAME ...] [--show N]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from popo_core.data import Problem
+from popo_core.data.datasets import Problem
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,8 @@ _PATHOLOGICAL_KINDS = {kind for kind, _, _ in PATHOLOGICAL}
 
 def _grade(cases: list[Case], workers: int | None, timeout: int, alone: bool) -> list:
     """Grades of `cases` by popo (each benchmark's normaliser) or by math-verify alone."""
-    from popo_core.benchmarks import BENCHMARKS
-    from popo_core.grading import MathVerifier
+    from popo_core.evaluation.suite import BENCHMARKS
+    from popo_core.grading.math_grader import MathVerifier
 
     grades: list = [None] * len(cases)
     options = dict(extraction="math_verify", fast_path=False) if alone else {}
@@ -268,7 +268,7 @@ def by_kind(verdicts: list[Verdicts]) -> dict[tuple[str, bool], tuple[int, int, 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from popo_core import benchmarks as bm
+    from popo_core.evaluation import suite as bm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="append", default=None, help="benchmark (default: all)")

@@ -103,7 +103,7 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
     dtype = dtype or resolve_dtype(model_cfg.dtype, device)
     name = model_cfg.name_or_path
     if name == "warmstart":
-        raise ModelLoadError("model.name_or_path=warmstart is a recipe: build it first with popo_core.warmstart.ensure "
+        raise ModelLoadError("model.name_or_path=warmstart is a recipe: build it first with popo_core.model.warmstart.ensure "
                              "(popo train does), or pass a built warm start's directory")
     try:
         tokenizer = load_tokenizer(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -159,7 +159,7 @@ def save_policy(model, tokenizer, path: str | Path, *, base_name: str | None = N
     `merged` the merged weights are saved beside it in merged/. The adapter names its base by
     `base_name` (a Hub id or directory); a base that cannot be fetched again (the random `tiny`)
     is saved in base/."""
-    from popo_core.networks import POLICY, is_peft, merged_state_dict
+    from popo_core.trainer.companions import POLICY, is_peft, merged_state_dict
 
     path = Path(path)
     if not is_peft(model):

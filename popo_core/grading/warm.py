@@ -4,7 +4,7 @@ and a worker that replaces a killed one costs a fork rather than seconds of impo
 
 import gc
 
-from popo_core.grading import warm_up
+from popo_core.grading.math_grader import warm_up
 
 warm_up()
 # Keep the garbage collector off the inherited objects: its passes write to every object it visits,

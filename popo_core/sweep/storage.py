@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from popo_core.search_space import SweepError
+from popo_core.sweep.space import SweepError
 from popo_core.store_lock import init_lock, is_postgres
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"

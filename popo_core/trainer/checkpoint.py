@@ -34,13 +34,13 @@ def save(
 ) -> Path:
     from safetensors.torch import save_file
 
-    from popo_core.models import save_policy
+    from popo_core.model.loading import save_policy
 
     final, tmp, old = output_dir / CHECKPOINT, output_dir / f"{CHECKPOINT}.tmp", output_dir / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_policy(model, tokenizer, tmp / "policy", base_name=base_name)
-    if momentum is not None:  # a popo_core.networks companion: a full copy or the momentum adapter
+    if momentum is not None:  # a popo_core.trainer.companions companion: a full copy or the momentum adapter
         save_file(momentum.state_dict(), tmp / "momentum.safetensors")
     if predictor is not None:
         save_file(_float_state(predictor), tmp / "predictor.safetensors")
@@ -59,7 +59,7 @@ def save(
 def _restore_policy(model, policy_dir: Path, device) -> None:
     from safetensors.torch import load_file
 
-    from popo_core.networks import POLICY, is_peft
+    from popo_core.trainer.companions import POLICY, is_peft
 
     if is_peft(model):  # a LoRA run: the frozen base is rebuilt; the adapter is what trained
         from peft import set_peft_model_state_dict

@@ -22,7 +22,7 @@ import weakref
 from decimal import Decimal
 from typing import Callable, Sequence
 
-from popo_core.rewards import Grade
+from popo_core.grading.verifiers import Grade
 
 DEFAULT_TIMEOUT = 5  # seconds per answer; math-verify's own default
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -275,7 +275,7 @@ def _init_worker(memory_mb: int | None) -> None:
 
 # --------------------------------------------------------------------------------- the verifier
 class MathVerifier:
-    """Verifier (popo_core.rewards.Verifier): `(responses, golds) -> list[Grade]`.
+    """Verifier (popo_core.grading.verifiers.Verifier): `(responses, golds) -> list[Grade]`.
 
     workers >= 1: grade in a pebble ProcessPool (started on first use, reused across calls) where a
     worker past `timeout` seconds on one answer is killed and replaced. workers = 0: grade one by one
@@ -414,7 +414,7 @@ class MathVerifier:
             # store. `__main__` is not preloaded: a script that fails to import there would take the
             # server down; in a worker, that failure only marks its answers "error".
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["popo_core.grading_warm"])
+            context.set_forkserver_preload(["popo_core.grading.warm"])
             self._pool = ProcessPool(
                 max_workers=self.workers,
                 max_tasks=self.max_tasks_per_worker,  # sympy's caches grow; recycle workers now and then

@@ -1,6 +1,6 @@
 """The objective: a registered method's policy loss plus the siamese penalty, bound to `algo.*`.
 
-It reads the registries (`popo_core.algos.METHODS`, `popo_core.siamese.PENALTIES`) and never
+It reads the registries (`popo_core.algo.losses.METHODS`, `popo_core.algo.siamese.PENALTIES`) and never
 branches on a method's name: the trainer asks it which completions to forward, which networks it
 needs, and for the step's quantities, the loss and the penalty.
 """
@@ -13,9 +13,9 @@ from typing import Callable
 
 from torch import Tensor
 
-from popo_core.algos import METHODS, Method, Needs, Step
+from popo_core.algo.losses import METHODS, Method, Needs, Step
 from popo_core.errors import ConfigError
-from popo_core.siamese import PENALTIES, Penalty
+from popo_core.algo.siamese import PENALTIES, Penalty
 
 
 def method_name(algo) -> str:

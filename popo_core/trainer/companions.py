@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from popo_core.siamese import momentum_update_
+from popo_core.algo.siamese import momentum_update_
 
 POLICY, MOMENTUM = "default", "momentum"  # peft adapter names
 
@@ -109,7 +109,7 @@ class FullCopy:
         yield self.module
 
     def update_(self, policy, m: float) -> None:
-        from popo_core.distributed import local
+        from popo_core.trainer.distributed import local
 
         # Section 2: xi <- m * xi + (1 - m) * theta, parameter by parameter (shard by shard under FSDP).
         momentum_update_([local(p) for p in self.module.parameters()], [local(p) for p in policy.parameters()], m)

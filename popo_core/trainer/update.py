@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from popo_core.algos import rollout_divergence, rollout_weights
-from popo_core.distributed import SINGLE, Ranks, reshard
-from popo_core.networks import autocast
-from popo_core.objective import Objective
-from popo_core.policy import collate, completion_forward, completion_logprobs_and_entropy
+from popo_core.algo.losses import rollout_divergence, rollout_weights
+from popo_core.trainer.distributed import SINGLE, Ranks, reshard
+from popo_core.trainer.companions import autocast
+from popo_core.algo.objective import Objective
+from popo_core.trainer.logprobs import collate, completion_forward, completion_logprobs_and_entropy
 from popo_core.rollout import Rollouts
-from popo_core.siamese import momentum_at
+from popo_core.algo.siamese import momentum_at
 
 
 class TrainingAborted(RuntimeError):
@@ -49,8 +49,8 @@ class Learner:
     temperature: float  # the sampler's: log-probs are of logits / temperature (METHOD.md, Setting)
     total_updates: int
     compute_dtype: torch.dtype = torch.float32  # forward/backward under autocast; masters stay fp32
-    momentum: Any = None  # the siamese momentum network xi (METHOD.md section 2): popo_core.networks
-    reference: Any = None  # frozen initial policy (GRPO's KL term): popo_core.networks
+    momentum: Any = None  # the siamese momentum network xi (METHOD.md section 2): popo_core.trainer.companions
+    reference: Any = None  # frozen initial policy (GRPO's KL term): popo_core.trainer.companions
     predictor: Any = None  # BYOL predictor (METHOD.md section 3)
     counters: Counters = field(default_factory=Counters)
     ranks: Ranks = SINGLE  # several processes: each forwards its share of every step (distributed.py)
@@ -67,7 +67,7 @@ class Learner:
         """The policy as one whole module (under FSDP: the sampler's copy, given the current weights)."""
         if not self.ranks.distributed:
             return self.model
-        from popo_core.distributed import full_state_dict
+        from popo_core.trainer.distributed import full_state_dict
 
         self.whole.load_state_dict(full_state_dict(self.model))
         return self.whole
@@ -301,7 +301,7 @@ def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> d
 
 
 def _clip(params: list, max_norm: float) -> float:
-    from popo_core.distributed import full
+    from popo_core.trainer.distributed import full
 
     return float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
