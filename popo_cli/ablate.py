@@ -36,7 +36,7 @@ def ablate(
         from popo_core.ablate import plan, run_ablation
 
         ablation = plan(preset, drop, seeds, baseline, overrides, root=output_dir)
-        from popo_core.trainer.loop import TrainingAborted  # torch: only once the input is known to be good
+        from popo_core.trainer.update import TrainingAborted  # torch: only once the input is known to be good
 
         try:
             result = run_ablation(ablation, _ConsoleReporter())

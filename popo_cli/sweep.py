@@ -54,7 +54,7 @@ def sweep(
                       f"up to {job.target} finished trials, {sampler} sampler, {pruner} pruner; {escape(space)}")
         for note in job.notes:
             err_console.print(f"[yellow]{escape(note)}[/]" if note.startswith("warning") else escape(note))
-        from popo_core.trainer.loop import TrainingAborted
+        from popo_core.trainer.update import TrainingAborted
 
         try:
             result = job.run(_Reporter())

@@ -15,7 +15,7 @@ def make_progress_callbacks(label: str = "train"):
     """A rich progress bar showing step, reward and held-out accuracy live."""
     from rich.progress import TextColumn
 
-    from popo_core.trainer.loop import Callbacks
+    from popo_core.trainer.lifecycle import Callbacks
 
     class ProgressCallbacks(Callbacks):
         def __init__(self):
@@ -101,17 +101,19 @@ def train(
         if not no_fit_check:
             plan_view.preflight(cfg, gpu_memory, world_size=world)
         cfg = ensure_warm_start(cfg)  # arith: build (or reuse) the warm-started model
-        from popo_core.trainer.loop import Trainer, TrainingAborted
+        from popo_core.trainer.lifecycle import TrainingRun
+        from popo_core.trainer.loop import train
+        from popo_core.trainer.update import TrainingAborted
 
         main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone prints
         bar = make_progress_callbacks(f"{preset}/{cfg.algo.name}") if main else None
-        trainer = Trainer(cfg, bar)
+        training_run = TrainingRun(cfg, bar)  # checks the output directory at once
         if main:
             ranks = f" on {world} processes" if world > 1 else ""
-            console.print(f"[bold]popo train[/] {preset} ({cfg.algo.name}){ranks} -> {trainer.output_dir}"
-                          f"  [dim](rerun with trainer.output_dir={trainer.output_dir} to resume)[/]")
+            console.print(f"[bold]popo train[/] {preset} ({cfg.algo.name}){ranks} -> {training_run.output_dir}"
+                          f"  [dim](rerun with trainer.output_dir={training_run.output_dir} to resume)[/]")
         try:
-            result = trainer.run()
+            result = train(cfg, run=training_run)
         except TrainingAborted as err:
             fail(str(err), code=1)
         finally:

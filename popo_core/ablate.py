@@ -193,7 +193,7 @@ class Reporter:
 
     def on_plan(self, ablation: Ablation, found: dict[str, RunOutcome]) -> None: ...
 
-    def run_callbacks(self, run: PlannedRun, index: int, total: int):  # -> popo_core.trainer.loop.Callbacks | None
+    def run_callbacks(self, run: PlannedRun, index: int, total: int):  # -> popo_core.trainer.lifecycle.Callbacks | None
         return None
 
     def on_run_done(self, run: PlannedRun, outcome: RunOutcome) -> None: ...
@@ -238,11 +238,12 @@ def _tag(run: PlannedRun, run_id: str | None, ablation_key: str) -> None:
 
 def train_one(run: PlannedRun, ablation_key: str, callbacks=None) -> RunOutcome:
     """Train (or resume, or pick up a finished output dir), then tag the MLflow run for matching."""
-    from popo_core.trainer.loop import Trainer
+    from popo_core.trainer.lifecycle import TrainingRun
+    from popo_core.trainer.loop import train
 
-    trainer = Trainer(run.cfg, callbacks)
-    resuming = trainer.resuming
-    result = trainer.run()
+    training_run = TrainingRun(run.cfg, callbacks)  # checks the output directory at once
+    resuming = training_run.resuming
+    result = train(run.cfg, run=training_run)
     _tag(run, result.run_id, ablation_key)
     source = "reused" if result.resumed_complete else ("resumed" if resuming else "trained")
     return RunOutcome(

@@ -315,7 +315,7 @@ class CrashAt(Reporter):
         self.name, self.step = name, step
 
     def run_callbacks(self, run, index, total):
-        from popo_core.trainer.loop import Callbacks
+        from popo_core.trainer.lifecycle import Callbacks
 
         if run.name != self.name:
             return None

@@ -6,7 +6,7 @@
 
 1. Builds TRL in its own virtual environment (benchmarks/.venv-trl; TRL is not a popo dependency):
    the local CPU torch first, so pip never pulls a CUDA build, then trl==1.16.0.
-2. Runs tests/test_vs_trl.py there (popo's `grpo` loss against TRL's own loss code) and stops if it
+2. Runs tests/algo/test_vs_trl.py there (popo's `grpo` loss against TRL's own loss code) and stops if it
    fails: the timings would compare different objectives.
 3. Runs `popo train` (POPO and GRPO) and TRL's GRPOTrainer (benchmarks/vs_trl/trl_side.py) as
    separate commands, alternating the tools (and rotating their order with the seed), each on one
@@ -69,9 +69,9 @@ def ensure_trl_venv() -> str:
 
 
 def cross_check() -> str:
-    """tests/test_vs_trl.py inside TRL's venv, popo importable; the pytest summary line."""
+    """tests/algo/test_vs_trl.py inside TRL's venv, popo importable; the pytest summary line."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([str(trl_python()), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_vs_trl.py"],
+    proc = subprocess.run([str(trl_python()), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/algo/test_vs_trl.py"],
                           cwd=REPO, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1] if lines else proc.stderr.strip()[-300:]
@@ -219,7 +219,7 @@ def main() -> None:
     if not args.report_only:
         meta["trl"] = ensure_trl_venv()
         meta["cross_check"] = cross_check()
-        print(f"cross-check (tests/test_vs_trl.py in TRL's venv): {meta['cross_check']}", flush=True)
+        print(f"cross-check (tests/algo/test_vs_trl.py in TRL's venv): {meta['cross_check']}", flush=True)
         meta["help_s"] = help_time()
         meta["command"] = " ".join([".venv/bin/python", "benchmarks/vs_trl", *sys.argv[1:]])
         meta_file.write_text(json.dumps(meta, indent=1))

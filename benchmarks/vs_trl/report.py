@@ -159,7 +159,7 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
              "not redone; `--steps 4 --seeds 1 --lrs 1e-3 --out /tmp/smoke` is a 5-minute smoke test):", "",
              "```bash", meta.get("command", ".venv/bin/python benchmarks/vs_trl"), "```", "",
              f"TRL {meta.get('trl', '?')} (TRL version, torch) in `benchmarks/.venv-trl`, built by the script. "
-             f"Cross-check before the runs (`tests/test_vs_trl.py` in TRL's venv: popo's `grpo` loss and gradient "
+             f"Cross-check before the runs (`tests/algo/test_vs_trl.py` in TRL's venv: popo's `grpo` loss and gradient "
              f"against TRL's own `compute_loss` and advantages, within 1e-6): **{meta.get('cross_check', 'not run')}**. "
              f"`popo --help`, best of 5 in the same session: {fmt(meta.get('help_s', float('nan')), 2)} s.", ""]
     summary = []

@@ -5,7 +5,7 @@ extraction of the whole response, no normaliser), so that every disagreement can
 A case's label is what a careful human grader would say, decided by how the case was built: the
 gold answer in another form is right, a changed number or bracket is wrong. The audit reports, per
 benchmark and kind of case, how often each grader agrees with the label and where the two graders
-disagree. docs/eval.md has the table; tests/test_grading_audit.py runs it.
+disagree. docs/eval.md has the table; tests/grading/test_audit.py runs it.
 
     .venv/bin/python -m popo_core.grading.audit [--bench NAME ...] [--show N]
 """

@@ -97,7 +97,7 @@ class Reporter:
 
     def trial_finished(self, row: TrialRow) -> None: ...
 
-    def training(self, number: int):  # a popo_core.trainer.loop.Callbacks progress display, or None
+    def training(self, number: int):  # a popo_core.trainer.lifecycle.Callbacks progress display, or None
         return None
 
 
@@ -192,7 +192,7 @@ class Sweep:
         import optuna
         from optuna.trial import TrialState
 
-        from popo_core.trainer.loop import TrainingAborted
+        from popo_core.trainer.update import TrainingAborted
 
         self.reporter = reporter or Reporter()
         start = time.time()
@@ -270,7 +270,8 @@ class Sweep:
         from optuna.trial import TrialState
 
         from popo_core.trainer import checkpoint
-        from popo_core.trainer.loop import Trainer
+        from popo_core.trainer.lifecycle import TrainingRun
+        from popo_core.trainer.loop import train
 
         self._current = trial.number
         trials = self.study.get_trials(deepcopy=False)
@@ -289,22 +290,22 @@ class Sweep:
         hooks = _TrialHooks(self, trial, retry_of, reported=set(me.intermediate_values))
         cfg = self._trial_config(trial.number, values, previous if resume else None)
         try:
-            trainer = Trainer(cfg, hooks)  # refuses a dir holding another config's run
+            training_run = TrainingRun(cfg, hooks)  # refuses a dir holding another config's run
         except ConfigError as err:
             if not resume:
                 raise SweepError(f"{err} (left by an earlier study named {self.name!r}? remove {self.root} "
                                  "or pass --study NAME)") from None
             resume = False  # the dead trial's dir holds another config (the overrides changed): start afresh
-            trainer = Trainer(self._trial_config(trial.number, values, None), hooks)
-        hooks.trainer = trainer
-        trial.set_user_attr("popo.output_dir", str(trainer.output_dir))
+            training_run = TrainingRun(self._trial_config(trial.number, values, None), hooks)
+        hooks.training_run = training_run
+        trial.set_user_attr("popo.output_dir", str(training_run.output_dir))
         trial.set_user_attr("popo.worker", f"{socket.gethostname()}:{os.getpid()}")
         if not resume:
             trial.set_user_attr("popo.mlflow_run_id", "")
-        self.reporter.trial_started(trial.number, values, str(trainer.output_dir), resume)
+        self.reporter.trial_started(trial.number, values, str(training_run.output_dir), resume)
         self.ran += 1
         try:
-            result = trainer.run()
+            result = train(training_run.cfg, run=training_run)
         except (optuna.TrialPruned, TrialTakenOver):
             raise  # a taken-over trial is finished: nothing more may be written to it
         except KeyboardInterrupt:
@@ -389,13 +390,13 @@ class _TrialHooks:
         self.sweep, self.trial, self.retry_of = sweep, trial, retry_of
         self.reported = reported  # steps a resumed trial inherited: Optuna refuses them twice
         self.inner = sweep.reporter.training(trial.number)
-        self.trainer = None
+        self.training_run = None
         self.total_steps = None
         self._checked = time.monotonic()
 
     def on_start(self, start_step: int, total_steps: int, output_dir: Path) -> None:
         self.total_steps = total_steps
-        run_id = self.trainer.state.get("run_id") if self.trainer is not None else None
+        run_id = self.training_run.state.get("run_id") if self.training_run is not None else None
         if run_id and self.sweep.runs:
             self.trial.set_user_attr("popo.mlflow_run_id", run_id)
             tags = {"optuna.study": self.sweep.name, "optuna.trial_number": self.trial.number, "optuna.state": "RUNNING",
@@ -403,7 +404,7 @@ class _TrialHooks:
                     **{f"optuna.param.{k}": v for k, v in self.trial.params.items()}}
             if self.retry_of is not None:
                 tags["optuna.retry_of"] = self.retry_of
-            self.sweep.runs.tag_trial_run(run_id, tags, model=self.trainer.training_run.learner.model)
+            self.sweep.runs.tag_trial_run(run_id, tags, model=self.training_run.learner.model)
         if self.inner:
             self.inner.on_start(start_step, total_steps, output_dir)
 

@@ -24,10 +24,10 @@ from popo_core.grading.verifiers import grade_counts
 from popo_core.rollout import Rollouts, make_engine
 from popo_core.rollout.sampling import prompt_keys
 from popo_core.rollout.sharded import ShardedEngine
-from popo_core.trainer.lifecycle import Callbacks, TrainingRun, TrainResult  # noqa: F401  (re-exported)
+from popo_core.trainer.lifecycle import Callbacks, TrainingRun, TrainResult
 from popo_core.algo.siamese import Predictor
 from popo_core.data.tasks import load_task, make_verifier
-from popo_core.trainer.update import Batch, Learner, TrainingAborted, update  # noqa: F401  (re-exported)
+from popo_core.trainer.update import Batch, Learner, update
 
 
 def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | None = None) -> TrainResult:
@@ -64,19 +64,6 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
             if run.save_due(step):
                 run.save()
         return run.finish(metrics)
-
-
-class Trainer:
-    """`Trainer(cfg)` checks the output directory at once (see TrainingRun); `.run()` trains."""
-
-    def __init__(self, cfg: Config, callbacks: Callbacks | None = None):
-        self.cfg = cfg
-        self.training_run = TrainingRun(cfg, callbacks)
-        self.output_dir, self.resuming, self.state = (self.training_run.output_dir, self.training_run.resuming,
-                                                      self.training_run.state)
-
-    def run(self) -> TrainResult:
-        return train(self.cfg, run=self.training_run)
 
 
 # ---------------------------------------------------------------------------------- set-up

@@ -3,7 +3,7 @@
 Pure arithmetic on the config (no torch, no download): the presets carry their architecture
 numbers (model.arch.*). Formulas and their sources are in docs/scaling.md; the parts the tiny
 model can show on CPU (parameter count, bytes of weights, AdamW state, momentum copy, activations
-saved for backward) are checked against the real model in tests/test_plan.py.
+saved for backward) are checked against the real model in tests/trainer/test_sizing.py.
 
 Memory is in bytes; GiB = 2**30 bytes, the unit torch and nvidia-smi report.
 """
@@ -180,7 +180,7 @@ class Plan:
 
 def uses_reference(algo) -> bool:
     """A frozen reference model: GRPO with kl_beta > 0, the registry's only such method (kept
-    torch-free here; tests/test_plan.py checks it against popo_core.algo.losses)."""
+    torch-free here; tests/trainer/test_sizing.py checks it against popo_core.algo.losses)."""
     return algo.kl_beta > 0 and algo.name == "grpo"
 
 

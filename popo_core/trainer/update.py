@@ -152,7 +152,7 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
              cap: float = 2.0) -> dict[str, float]:
     """Forward and backward of one optimizer step over its forwarded completions, in micro-batches;
     the gradients add up to the whole step's (over every rank). Returns the step's sums over this
-    rank's micro-batches (see step_metrics)."""
+    rank's micro-batches (see reduce_sums)."""
     obj, rows, ranks = learner.objective, inputs.rows, learner.ranks
     rewards, gids, lengths = batch.rewards[rows], batch.group_ids[rows], batch.lengths[rows]
     seq_log_ratio = None
@@ -203,7 +203,7 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
             sums["penalty"] += p_value
             sums["tokens"] += n_tok
             for key, value in m.items():  # clip/fraction, ratio/mean, ...: token means, weighted
-                sums[key] = sums.get(key, 0.0) + value * n_tok
+                sums[TOKEN_MEAN + key] = sums.get(TOKEN_MEAN + key, 0.0) + value * n_tok
             if inputs.old is None and mu is not None:
                 for k, v in rollout_divergence(old, mu, mask).items():
                     sums[k] += v
@@ -214,11 +214,16 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
     return sums
 
 
-def step_metrics(sums: dict[str, float], penalty_key: str | None) -> dict[str, float]:
-    """The optimizer step's metrics from its sums (over every rank)."""
+TOKEN_MEAN = "token_mean:"  # a loss metric's token-weighted sum over the step's micro-batches
+
+
+def reduce_sums(sums: dict[str, float], penalty_key: str | None) -> dict[str, float]:
+    """The optimizer step's metrics from its sums (over every rank): the losses as summed (each
+    micro-batch's term is already over the step's denominators), every metric the loss returned as
+    its token mean, the sampler divergence per sampled token."""
     tokens = max(sums["tokens"], 1.0)
     out = {"loss/policy": sums["loss/policy"]}
-    out |= {k: v / tokens for k, v in sums.items() if "/" in k and k != "loss/policy"}
+    out |= {k[len(TOKEN_MEAN):]: v / tokens for k, v in sums.items() if k.startswith(TOKEN_MEAN)}
     if penalty_key is not None:
         out[penalty_key] = sums["penalty"]  # each micro-batch's term is over the step's count: their sum is the mean
     if sums["sampled_tokens"] > 0:
@@ -276,7 +281,7 @@ def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> d
                     cap=a.rollout_is_cap)
     sums = _sum_over_ranks(learner.ranks, sums)  # every rank decides alike
     tokens, finite = sums["tokens"], sums["nonfinite"] == 0
-    metrics = step_metrics(sums, learner.objective.penalty.metric if learner.objective.penalty else None)
+    metrics = reduce_sums(sums, learner.objective.penalty.metric if learner.objective.penalty else None)
     learned = tokens > 0 and finite
     grad_norm = _clip(learner.params, o.max_grad_norm) if learned else float("nan")
     stepped = learned and math.isfinite(grad_norm)
@@ -343,9 +348,9 @@ def update(learner: Learner, batch: Batch, cfg, step: int) -> dict[str, float]:
         for groups in mini_batch_groups(n_prompts, a.mini_batches, generator):
             rows = torch.isin(batch.group_ids, torch.tensor(groups, device=batch.group_ids.device)).nonzero().squeeze(-1)
             forward_tokens += int(batch.lengths[rows][obj.forwarded(batch.rewards[rows])].sum())
-            step_metrics = optimizer_step(learner, batch, StepInputs(rows, old, ref), cfg)
-            if step_metrics is not None:
-                taken.append(step_metrics)
+            taken_step = optimizer_step(learner, batch, StepInputs(rows, old, ref), cfg)
+            if taken_step is not None:
+                taken.append(taken_step)
     metrics |= _mean(taken)
     c = learner.counters
     metrics |= {"train/forward_tokens": forward_tokens, "train/skipped_updates": c.skipped, "train/updates": c.updates,

@@ -290,9 +290,14 @@ def test_too_big_for_the_stated_gpu_stops_before_loading(workdir):
 
 
 def test_no_fit_check_on_cpu():
+    import typer
+
     from popo_cli.plan_view import preflight
 
     preflight(preset_cfg("qwen-math-7b", ["trainer.device=cpu"]), 1.0)  # returns: CPU runs are not checked
+    with pytest.raises(typer.Exit) as stopped:  # the same run on a stated 1 GiB GPU is refused
+        preflight(preset_cfg("qwen-math-7b", ["trainer.device=cuda"]), 1.0)
+    assert stopped.value.exit_code == 2
 
 
 def test_dry_run_without_architecture_is_one_line(workdir):

@@ -21,6 +21,7 @@ from popo_core.rollout import Rollouts
 from popo_core.algo.siamese import PENALTIES
 from popo_core.trainer.loop import build
 from popo_core.trainer.update import Batch, StepInputs, backward, recompute, update
+from helpers import fixed_batch
 
 CASES = {
     "popo": ["algo=popo"],
@@ -39,26 +40,6 @@ CASES = {
     "w_reinforce": ["algo=w_reinforce"],
     "grpo-siamese": ["algo=grpo", "algo.siamese=true"],
 }
-
-
-def fixed_batch(tokenizer, device, seed=0, prompts=5, group=4) -> Batch:
-    """Prompts of several tokens, completions of 1 to 7 printable tokens, mixed rewards."""
-    rnd = random.Random(seed)
-    chars = [tokenizer.convert_tokens_to_ids(c) for c in "0123456789+=abcdefgh"]
-    p_ids, c_ids, gids, rewards = [], [], [], []
-    for g in range(prompts):
-        prompt = [rnd.choice(chars) for _ in range(rnd.randint(3, 8))]
-        group_rewards = [1.0, 0.0] + [float(rnd.random() < 0.5) for _ in range(group - 2)]
-        if g == 0:
-            group_rewards = [0.0] * group  # a group with no positive
-        for k in range(group):
-            p_ids.append(prompt)
-            c_ids.append([rnd.choice(chars) for _ in range(rnd.randint(1, 7))])
-            gids.append(g)
-            rewards.append(group_rewards[k])
-    texts = tokenizer.batch_decode(c_ids)
-    rollouts = Rollouts(p_ids, c_ids, texts, gids, [True] * len(c_ids), None)
-    return Batch.of(rollouts, torch.tensor(rewards, device=device))
 
 
 def learner_for(overrides, tmp_path):
@@ -160,3 +141,14 @@ def test_update_metrics_and_diagnostics(tmp_path):
     assert learner.counters.updates == 4
     positives = batch.rewards > 0.5
     assert metrics["train/forward_tokens"] == 2 * int(batch.lengths[positives].sum())
+
+
+def test_every_loss_metric_is_token_averaged_whatever_its_name():
+    """The step's sums keep each metric the loss returned, named with or without a slash, as its
+    token mean over the micro-batches (a name without "/" was once dropped)."""
+    from popo_core.trainer.update import TOKEN_MEAN, reduce_sums
+
+    sums = {"loss/policy": 0.5, "tokens": 4.0, "penalty": 0.25, "mismatch": 0.0, "kl": 0.0, "sampled_tokens": 0.0,
+            "nonfinite": 0.0, TOKEN_MEAN + "clip/fraction": 1.0, TOKEN_MEAN + "plainname": 3.0}
+    out = reduce_sums(sums, "penalty/similarity")
+    assert out == {"loss/policy": 0.5, "clip/fraction": 0.25, "plainname": 0.75, "penalty/similarity": 0.25}

