@@ -14,13 +14,9 @@ from typing import Any, Optional
 
 from popo_core.errors import ConfigError, first_line
 
-# Mirrors of the choices in popo_core.algo.losses / popo_core.algo.siamese (tested equal there), kept here so
-# composing a config does not import torch and `popo --help` stays fast.
-REDISTRIBUTIONS = ("uniform", "self_normalized", "none")
-AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
-MOMENTUM_SCHEDULES = ("constant", "cosine")
-REPRESENTATIONS = ("mean", "token")
-ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+# The algo.* choices, from the one torch-free table the losses register against.
+from popo_core.algo.choices import (AGGREGATIONS, MOMENTUM_SCHEDULES, PENALTIES, REDISTRIBUTIONS,  # noqa: E402
+                                    REPRESENTATIONS, ROLLOUT_CORRECTIONS)
 
 
 # Module names of a Qwen2 decoder layer that LoRA may adapt (the plan knows their shapes).
@@ -282,7 +278,7 @@ def validate(cfg: Config) -> None:
     _choice("algo.momentum_schedule", a.momentum_schedule, MOMENTUM_SCHEDULES)
     _check(a.penalty_weight >= 0.0, "algo.penalty_weight", a.penalty_weight, "must be >= 0")
     _choice("algo.representation", a.representation, REPRESENTATIONS)
-    _choice("algo.penalty", a.penalty, ("similarity", "kl"))
+    _choice("algo.penalty", a.penalty, PENALTIES)
     _check(a.epochs >= 1, "algo.epochs", a.epochs, "must be >= 1")
     _check(a.mini_batches >= 1, "algo.mini_batches", a.mini_batches, "must be >= 1")
     _check(a.adv_eps >= 0.0, "algo.adv_eps", a.adv_eps, "must be >= 0")

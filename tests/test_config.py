@@ -28,11 +28,24 @@ def test_every_knob_named_in_method_exists():
     assert not missing
 
 
-def test_choice_mirrors_match_the_math_modules():
-    assert REDISTRIBUTIONS == losses.REDISTRIBUTIONS
-    assert AGGREGATIONS == losses.AGGREGATIONS
-    assert MOMENTUM_SCHEDULES == siamese.MOMENTUM_SCHEDULES
-    assert REPRESENTATIONS == siamese.REPRESENTATIONS
+def test_one_registry_of_methods_and_choices():
+    """The losses register exactly the methods of the torch-free table, with its metadata; the
+    penalties and choices the math modules accept are the table's; composing a config needs no torch."""
+    import subprocess
+    import sys
+
+    from popo_core.algo.choices import PENALTIES, SPECS
+
+    assert set(losses.METHODS) == set(SPECS)
+    for name, spec in SPECS.items():
+        m = losses.METHODS[name]
+        assert (m.forwards, m.knobs, m.penalty_rows, m.summary) == (spec.forwards, spec.knobs, spec.penalty_rows,
+                                                                     spec.summary), name
+    assert set(siamese.PENALTIES) == set(PENALTIES)
+    assert MOMENTUM_SCHEDULES is siamese.MOMENTUM_SCHEDULES and REPRESENTATIONS is siamese.REPRESENTATIONS
+    assert REDISTRIBUTIONS is losses.REDISTRIBUTIONS and AGGREGATIONS is losses.AGGREGATIONS
+    code = "import sys, popo_core.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_presets_and_defaults():

@@ -23,6 +23,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from popo_core.algo.choices import (AGGREGATIONS, FORWARDS, REDISTRIBUTIONS, ROLLOUT_CORRECTIONS, SPECS,
+                                    MethodSpec, Needs)
+
 __all__ = [
     "Step",
     "group_index",
@@ -46,6 +49,8 @@ __all__ = [
     "rollout_divergence",
     "rollout_weights",
     "Needs",
+    "MethodSpec",
+    "SPECS",
     "Method",
     "register",
     "method",
@@ -58,10 +63,6 @@ __all__ = [
     "ROLLOUT_CORRECTIONS",
 ]
 
-REDISTRIBUTIONS = ("uniform", "self_normalized", "none")
-AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
-FORWARDS = ("positives", "negatives", "all")
-ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
 # ----------------------------------------------------------------------------- step quantities
@@ -416,15 +417,6 @@ def rollout_weights(old_logprobs: Tensor, sampler_logprobs: Tensor | None, mask:
 
 # ---------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
-class Needs:
-    """What the trainer must provide for a method with given knobs."""
-
-    reference: bool = False  # log-probs of the frozen initial policy (GRPO's KL term)
-    seq_log_ratio: bool = False  # each step's sequence log-ratios at the current policy (self-normalised weights)
-    min_group_size: int = 1  # completions per prompt the advantages need
-
-
-@dataclass(frozen=True)
 class Method:
     """A registered method: its loss, its step quantities, and what the trainer must do for it."""
 
@@ -453,10 +445,12 @@ def _select(which: str, rewards: Tensor) -> Tensor:
 METHODS: dict[str, Method] = {}
 
 
-def register(method: Method) -> Method:
-    if method.forwards not in FORWARDS:
-        raise ValueError(f"{method.name}: forwards must be one of {FORWARDS}")
-    METHODS[method.name] = method
+def register(spec: MethodSpec, loss: Callable[..., tuple[Tensor, dict[str, float]]], step: Callable[..., Step]) -> Method:
+    """A method of popo_core.algo.choices.SPECS (its torch-free metadata) with its loss and step quantities."""
+    if spec.forwards not in FORWARDS:
+        raise ValueError(f"{spec.name}: forwards must be one of {FORWARDS}")
+    method = Method(spec.name, loss, step, spec.forwards, spec.knobs, spec.needs, spec.penalty_rows, spec.summary)
+    METHODS[spec.name] = method
     return method
 
 
@@ -482,52 +476,22 @@ def step_quantities(name: str, rewards: Tensor, group_ids: Tensor, lengths: Tens
     return m.step(rewards, group_ids, lengths, seq_log_ratio=seq_log_ratio, **{k: knobs[k] for k in m.knobs if k in knobs})
 
 
-_POPO_KNOBS = ("clip_eps", "redistribution", "aggregation")
 # METHOD.md sections 1-3: learn from the positives alone, bounded importance sampling.
-register(Method(
-    "popo", popo_loss, popo_step, "positives", _POPO_KNOBS,
-    needs=lambda k: Needs(seq_log_ratio=k.get("redistribution") == "self_normalized"),
-    summary="POPO: positives only, bounded IS min(rho, 1+eps), each group's mass redistributed over its positives",
-))
+register(SPECS["popo"], popo_loss, popo_step)
 # METHOD.md, Ablations, "positive-only": negatives enter with GRPO's advantages in the clipped
 # surrogate; POPO's stabilisers (momentum network, penalty over the positives) are kept.
-register(Method(
-    "popo+negatives", partial(grpo_loss, kl_beta=0.0), grpo_step, "all", ("clip_eps", "scale_std", "adv_eps", "aggregation"),
-    needs=lambda k: Needs(min_group_size=2 if k.get("scale_std", True) else 1), penalty_rows="positives",
-    summary="POPO's `positive-only` ablation: GRPO's surrogate on every completion, stabilisers kept",
-))
+register(SPECS["popo+negatives"], partial(grpo_loss, kl_beta=0.0), grpo_step)
 # METHOD.md, Baseline: GRPO.
-register(Method(
-    "grpo", grpo_loss, grpo_step, "all", ("clip_eps", "scale_std", "adv_eps", "aggregation", "kl_beta"),
-    needs=lambda k: Needs(reference=k.get("kl_beta", 0.0) > 0, min_group_size=2 if k.get("scale_std", True) else 1),
-    summary="GRPO: group-normalised advantages, clipped surrogate on every completion, optional k3 KL to a reference",
-))
+register(SPECS["grpo"], grpo_loss, grpo_step)
 # Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective".
-register(Method(
-    "dr_grpo", dr_grpo_loss, dr_grpo_step, "all", ("clip_eps", "max_length"),
-    summary="Dr. GRPO: A = r - mean(r), every completion, token sums over a constant length L",
-))
+register(SPECS["dr_grpo"], dr_grpo_loss, dr_grpo_step)
 # Rejection-sampling fine-tuning: RAFT (Dong et al. 2023), RFT (Yuan et al. 2023).
-register(Method(
-    "rft", rft_loss, rft_step, "positives", ("aggregation",),
-    summary="RFT: supervised fine-tuning on the positives, no ratio",
-))
+register(SPECS["rft"], rft_loss, rft_step)
 # Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce".
-register(Method(
-    "raft_pp", raft_pp_loss, partial(sign_step, positive=1.0, negative=0.0), "positives", ("clip_eps",),
-    summary="RAFT++: clipped surrogate with A = 1 on the positives, sequence mean over all completions",
-))
+register(SPECS["raft_pp"], raft_pp_loss, partial(sign_step, positive=1.0, negative=0.0))
 # Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning".
-register(Method(
-    "psr", partial(sign_loss, positive=1.0, negative=0.0), partial(sign_step, positive=1.0, negative=0.0),
-    "positives", ("clip_eps", "aggregation"),
-    summary="PSR: positive sample reinforcement, A = +1 on positives only",
-))
-register(Method(
-    "nsr", partial(sign_loss, positive=0.0, negative=-1.0), partial(sign_step, positive=0.0, negative=-1.0),
-    "negatives", ("clip_eps", "aggregation"),
-    summary="NSR: negative sample reinforcement, A = -1 on negatives only",
-))
+register(SPECS["psr"], partial(sign_loss, positive=1.0, negative=0.0), partial(sign_step, positive=1.0, negative=0.0))
+register(SPECS["nsr"], partial(sign_loss, positive=0.0, negative=-1.0), partial(sign_step, positive=0.0, negative=-1.0))
 
 
 def _w_reinforce_loss(*args, positive_weight: float = 0.1, **kwargs):
@@ -538,7 +502,4 @@ def _w_reinforce_step(rewards, group_ids, lengths, *, positive_weight: float = 0
     return sign_step(rewards, group_ids, lengths, positive=positive_weight, negative=-1.0)
 
 
-register(Method(
-    "w_reinforce", _w_reinforce_loss, _w_reinforce_step, "all", ("clip_eps", "aggregation", "positive_weight"),
-    summary="W-REINFORCE: A = lambda (algo.positive_weight) on positives, -1 on negatives",
-))
+register(SPECS["w_reinforce"], _w_reinforce_loss, _w_reinforce_step)

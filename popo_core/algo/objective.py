@@ -13,15 +13,10 @@ from typing import Callable
 
 from torch import Tensor
 
-from popo_core.algo.losses import METHODS, Method, Needs, Step
+from popo_core.algo.choices import Needs, method_name
+from popo_core.algo.losses import METHODS, Method, Step
 from popo_core.errors import ConfigError
 from popo_core.algo.siamese import PENALTIES, Penalty
-
-
-def method_name(algo) -> str:
-    """The registry entry for an algo config: `algo.name`, or its `+negatives` combination when
-    `algo.use_negatives` is set (METHOD.md, Ablations: "positive-only")."""
-    return f"{algo.name}+negatives" if algo.use_negatives else algo.name
 
 
 @dataclass(frozen=True)

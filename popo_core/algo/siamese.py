@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MOMENTUM_SCHEDULES = ("constant", "cosine")
-REPRESENTATIONS = ("mean", "token")
+from popo_core.algo.choices import MOMENTUM_SCHEDULES, REPRESENTATIONS  # noqa: E402
 
 
 def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:

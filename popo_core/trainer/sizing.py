@@ -179,9 +179,10 @@ class Plan:
 
 
 def uses_reference(algo) -> bool:
-    """A frozen reference model: GRPO with kl_beta > 0, the registry's only such method (kept
-    torch-free here; tests/trainer/test_sizing.py checks it against popo_core.algo.losses)."""
-    return algo.kl_beta > 0 and algo.name == "grpo"
+    """A frozen reference model, when the method's registered needs ask for one (GRPO with kl_beta > 0)."""
+    from popo_core.algo.choices import SPECS, method_name, needs_of
+
+    return method_name(algo) in SPECS and needs_of(algo).reference
 
 
 def with_lora(cfg: Config, rank: int) -> Config:
