@@ -129,6 +129,18 @@ SYNTHETIC = ("arith",)
 SFT_EXAMPLES: dict[str, Callable] = {"arith": arith_sft_examples}
 
 
+def eval_normalizer(data) -> str | None:
+    """The answer normaliser (a name in popo_core.grading.math_grader.NORMALIZERS) of a task's
+    held-out check: a packaged benchmark's own when the math task is evaluated on one
+    (`data.eval_path=math500`); None in every other case."""
+    if data.task != "math":
+        return None
+    from popo_core.evaluation.suite import BENCHMARKS
+
+    bench = BENCHMARKS.get(data.eval_path or "")
+    return bench.normalize if bench is not None else None
+
+
 def make_verifier(task: str, **kwargs):
     """`tiny` -> exact match; `arith` -> exact final answer; `math` -> math-verify in a process pool
     (popo_core.grading.math_grader)."""

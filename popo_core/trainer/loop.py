@@ -26,7 +26,7 @@ from popo_core.rollout.sampling import prompt_keys
 from popo_core.rollout.sharded import ShardedEngine
 from popo_core.trainer.lifecycle import Callbacks, TrainingRun, TrainResult
 from popo_core.algo.siamese import Predictor
-from popo_core.data.tasks import load_task, make_verifier
+from popo_core.data.tasks import eval_normalizer, load_task, make_verifier
 from popo_core.trainer.update import Batch, Learner, update
 
 
@@ -139,12 +139,10 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 # --------------------------------------------------------------------------- around the update
 def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config, learner) -> float:
-    """Held-out greedy accuracy (the same pass as `popo eval`, with a packaged benchmark's normaliser)."""
-    from popo_core.evaluation.suite import BENCHMARKS
-
+    """Held-out greedy accuracy (the same pass as `popo eval`, with the task's answer normaliser)."""
     r = cfg.rollout
-    bench = BENCHMARKS.get(cfg.data.eval_path or "")
-    extra = {"normalize": bench.normalize} if bench is not None and cfg.data.task == "math" else {}
+    normalize = eval_normalizer(cfg.data)
+    extra = {"normalize": normalize} if normalize is not None else {}
     with learner.autocast():
         report = evaluate_problems(engine, tokenizer, problems, verifier, template=cfg.model.template,
                                    max_new_tokens=r.eval_max_new_tokens or r.max_new_tokens, greedy=True,

@@ -133,3 +133,17 @@ def test_bad_arith_settings_name_their_key(override, key):
 def test_small_space_is_refused_not_hung():
     with pytest.raises(ConfigError, match="data.train_size"):
         compose("arith", ["data.max_terms=2", "data.eval_size=5", "data.train_size=100"])
+
+
+def test_the_held_out_normaliser_comes_from_the_task_registry():
+    from popo_core.config import compose
+    from popo_core.data.tasks import eval_normalizer
+    from popo_core.evaluation.suite import BENCHMARKS
+
+    assert eval_normalizer(compose("tiny").data) is None
+    gsm = compose("tiny", ["data=math", "data.eval_path=gsm8k"]).data
+    assert eval_normalizer(gsm) == BENCHMARKS["gsm8k"].normalize
+    from types import SimpleNamespace
+
+    assert eval_normalizer(SimpleNamespace(task="math", eval_path="some/file.jsonl")) is None
+    assert eval_normalizer(SimpleNamespace(task="arith", eval_path="gsm8k")) is None
