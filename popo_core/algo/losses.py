@@ -27,7 +27,7 @@ from popo_core.algo.choices import (AGGREGATIONS, FORWARDS, REDISTRIBUTIONS, ROL
                                     MethodSpec, Needs)
 
 __all__ = [
-    "Step",
+    "StepQuantities",
     "group_index",
     "group_sum",
     "popo_step",
@@ -67,15 +67,15 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- step quantities
 @dataclass
-class Step:
+class StepQuantities:
     """An optimizer step's quantities: per-row tensors (``rows``, sliced with the rows) and
     scalars of the whole step (``totals``: counts and normalisers)."""
 
     rows: dict[str, Tensor] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
 
-    def take(self, index: Tensor) -> "Step":
-        return Step({k: v[index] for k, v in self.rows.items()}, self.totals)
+    def take(self, index: Tensor) -> "StepQuantities":
+        return StepQuantities({k: v[index] for k, v in self.rows.items()}, self.totals)
 
     def __getitem__(self, key: str):
         return self.rows[key] if key in self.rows else self.totals[key]
@@ -122,7 +122,7 @@ def popo_step(
     clip_eps: float = 0.2,
     seq_log_ratio: Tensor | None = None,
     **_,
-) -> Step:
+) -> StepQuantities:
     """POPO's step quantities (METHOD.md section 1): each positive's redistribution weight w_i, the
     denominator (|B+| with groups, |P| without) and Lbar, the mean length of the step's positives.
 
@@ -135,12 +135,12 @@ def popo_step(
     weight = torch.zeros(len(rewards), dtype=dtype, device=rewards.device)
     totals = {"denominator": 1.0, "mean_length": 1.0, "n_positives": float(positive.sum())}
     if not bool(positive.any()):
-        return Step({"weight": weight}, totals)
+        return StepQuantities({"weight": weight}, totals)
     totals["mean_length"] = float(lengths[positive].double().mean())
     if redistribution == "none":
         weight[positive] = 1.0
         totals["denominator"] = float(positive.sum())
-        return Step({"weight": weight}, totals)
+        return StepQuantities({"weight": weight}, totals)
     index, counts = group_index(group_ids[positive])
     if redistribution == "uniform":
         # Section 1: w_i = 1 / |P(x)|.
@@ -153,7 +153,7 @@ def popo_step(
         w = s / group_sum(s, index, len(counts))[index]
     weight[positive] = w.to(weight.dtype)
     totals["denominator"] = float(len(counts))  # |B+|
-    return Step({"weight": weight}, totals)
+    return StepQuantities({"weight": weight}, totals)
 
 
 def popo_loss(
@@ -166,7 +166,7 @@ def popo_loss(
     clip_eps: float = 0.2,
     redistribution: str = "uniform",
     aggregation: str = "seq_mean_token_mean",
-    step: Step | None = None,
+    step: StepQuantities | None = None,
     token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Positive-only objective with bounded importance sampling (METHOD.md section 1).
@@ -226,12 +226,12 @@ def sign_advantages(rewards: Tensor, *, positive: float, negative: float) -> Ten
     return torch.where(r > 0.5, torch.full_like(r, positive), torch.full_like(r, negative))
 
 
-def surrogate_step(advantages: Tensor, lengths: Tensor) -> Step:
+def surrogate_step(advantages: Tensor, lengths: Tensor) -> StepQuantities:
     """Per-row advantages; N completions and their tokens, the denominators of the aggregations."""
-    return Step({"advantage": advantages}, {"n_completions": float(len(advantages)), "n_tokens": float(lengths.sum())})
+    return StepQuantities({"advantage": advantages}, {"n_completions": float(len(advantages)), "n_tokens": float(lengths.sum())})
 
 
-def aggregate(per_token: Tensor, mask: Tensor, aggregation: str, step: Step, max_length: float | None = None) -> Tensor:
+def aggregate(per_token: Tensor, mask: Tensor, aggregation: str, step: StepQuantities, max_length: float | None = None) -> Tensor:
     """One loss from per-token terms, with the step's denominators (verl's `agg_loss`):
     seq_mean_token_mean: (1/N) sum_i (1/|y_i|) sum_t; token_mean: sum_{i,t} / (tokens of all N);
     seq_sum_max_length (Dr. GRPO): (1/N) sum_i (sum_t) / L with L a constant."""
@@ -253,7 +253,7 @@ def surrogate_loss(
     *,
     clip_eps: float,
     aggregation: str,
-    step: Step,
+    step: StepQuantities,
     max_length: float | None = None,
     token_weight: Tensor | None = None,
     extra: Tensor | None = None,
@@ -277,7 +277,7 @@ def surrogate_loss(
 
 
 # ------------------------------------------------------------------------------------- GRPO
-def grpo_step(rewards, group_ids, lengths, *, scale_std: bool = True, adv_eps: float = 1e-6, **_) -> Step:
+def grpo_step(rewards, group_ids, lengths, *, scale_std: bool = True, adv_eps: float = 1e-6, **_) -> StepQuantities:
     return surrogate_step(group_advantages(rewards, group_ids, scale_std=scale_std, adv_eps=adv_eps), lengths)
 
 
@@ -294,7 +294,7 @@ def grpo_loss(
     aggregation: str = "seq_mean_token_mean",
     kl_beta: float = 0.0,
     ref_logprobs: Tensor | None = None,
-    step: Step | None = None,
+    step: StepQuantities | None = None,
     token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO (METHOD.md, Baseline): group-normalised advantages in the clipped surrogate on every
@@ -318,13 +318,13 @@ def grpo_loss(
 
 
 # ------------------------------------------------------------------------- the family (baselines)
-def dr_grpo_step(rewards, group_ids, lengths, **_) -> Step:
+def dr_grpo_step(rewards, group_ids, lengths, **_) -> StepQuantities:
     # Dr. GRPO: A_i = r_i - mean_group(r), no division by the std.
     return surrogate_step(group_advantages(rewards, group_ids, scale_std=False), lengths)
 
 
 def dr_grpo_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, clip_eps: float = 0.2, max_length: int = 1,
-                 step: Step | None = None, token_weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                 step: StepQuantities | None = None, token_weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"; METHOD.md, the family):
     loss = (1/N) sum_i (sum_t surr(A_i)) / L, L = algo.max_length, a constant, not |y_i|."""
     mask = mask.bool()
@@ -333,13 +333,13 @@ def dr_grpo_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, clip_eps: 
                           aggregation="seq_sum_max_length", step=step, max_length=max_length, token_weight=token_weight)
 
 
-def rft_step(rewards, group_ids, lengths, **_) -> Step:
+def rft_step(rewards, group_ids, lengths, **_) -> StepQuantities:
     positive = rewards > 0.5
-    return Step({}, {"n_positives": float(positive.sum()), "n_positive_tokens": float(lengths[positive].sum())})
+    return StepQuantities({}, {"n_positives": float(positive.sum()), "n_positive_tokens": float(lengths[positive].sum())})
 
 
 def rft_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, aggregation: str = "seq_mean_token_mean",
-             step: Step | None = None, token_weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+             step: StepQuantities | None = None, token_weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Rejection-sampling fine-tuning (RFT; RAFT, Dong et al. 2023; METHOD.md, the family): SFT on
     the positives, no ratio: -(1/|P|) sum_{i in P} (1/|y_i|) sum_t log pi(y_it), or with token_mean
     the sum over all positive tokens over their count."""
@@ -363,12 +363,12 @@ def rft_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, aggregation: s
     return loss, metrics
 
 
-def sign_step(rewards, group_ids, lengths, *, positive: float, negative: float, **_) -> Step:
+def sign_step(rewards, group_ids, lengths, *, positive: float, negative: float, **_) -> StepQuantities:
     return surrogate_step(sign_advantages(rewards, positive=positive, negative=negative), lengths)
 
 
 def sign_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, positive: float, negative: float, clip_eps: float = 0.2,
-              aggregation: str = "token_mean", step: Step | None = None,
+              aggregation: str = "token_mean", step: StepQuantities | None = None,
               token_weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """surr(A_i) with A_i = a+ on positives and a- on negatives, aggregated over all N completions."""
     mask = mask.bool()
@@ -377,7 +377,7 @@ def sign_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, positive: flo
                           step=step, token_weight=token_weight)
 
 
-def raft_pp_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, clip_eps: float = 0.2, step: Step | None = None,
+def raft_pp_loss(logprobs, old_logprobs, mask, rewards, group_ids, *, clip_eps: float = 0.2, step: StepQuantities | None = None,
                  token_weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """RAFT++ (Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning"; METHOD.md, the family):
     -(1/N) sum_{i in P} (1/|y_i|) sum_t min(rho_it, clip(rho_it, 1-eps, 1+eps)): the clipped
@@ -422,7 +422,7 @@ class Method:
 
     name: str
     loss: Callable[..., tuple[Tensor, dict[str, float]]]
-    step: Callable[..., Step]  # (rewards, group_ids, lengths, **knobs) -> Step, once per optimizer step
+    quantities: Callable[..., StepQuantities]  # (rewards, group_ids, lengths, **knobs) -> StepQuantities, once per optimizer step
     forwards: str  # which completions go through forward and backward: positives | negatives | all
     knobs: tuple[str, ...]  # the algo.* settings the loss and step read
     needs: Callable[[dict], Needs] = lambda knobs: Needs()
@@ -445,11 +445,12 @@ def _select(which: str, rewards: Tensor) -> Tensor:
 METHODS: dict[str, Method] = {}
 
 
-def register(spec: MethodSpec, loss: Callable[..., tuple[Tensor, dict[str, float]]], step: Callable[..., Step]) -> Method:
+def register(spec: MethodSpec, loss: Callable[..., tuple[Tensor, dict[str, float]]],
+             quantities: Callable[..., StepQuantities]) -> Method:
     """A method of popo_core.algo.choices.SPECS (its torch-free metadata) with its loss and step quantities."""
     if spec.forwards not in FORWARDS:
         raise ValueError(f"{spec.name}: forwards must be one of {FORWARDS}")
-    method = Method(spec.name, loss, step, spec.forwards, spec.knobs, spec.needs, spec.penalty_rows, spec.summary)
+    method = Method(spec.name, loss, quantities, spec.forwards, spec.knobs, spec.needs, spec.penalty_rows, spec.summary)
     METHODS[spec.name] = method
     return method
 
@@ -470,10 +471,10 @@ def policy_loss(name: str, /, **knobs) -> Callable[..., tuple[Tensor, dict[str, 
 
 
 def step_quantities(name: str, rewards: Tensor, group_ids: Tensor, lengths: Tensor, /, *,
-                    seq_log_ratio: Tensor | None = None, **knobs) -> Step:
+                    seq_log_ratio: Tensor | None = None, **knobs) -> StepQuantities:
     """The registered method's quantities of one optimizer step, over every completion of the step."""
     m = method(name)
-    return m.step(rewards, group_ids, lengths, seq_log_ratio=seq_log_ratio, **{k: knobs[k] for k in m.knobs if k in knobs})
+    return m.quantities(rewards, group_ids, lengths, seq_log_ratio=seq_log_ratio, **{k: knobs[k] for k in m.knobs if k in knobs})
 
 
 # METHOD.md sections 1-3: learn from the positives alone, bounded importance sampling.

@@ -14,7 +14,7 @@ from typing import Callable
 from torch import Tensor
 
 from popo_core.algo.choices import Needs, method_name
-from popo_core.algo.losses import METHODS, Method, Step
+from popo_core.algo.losses import METHODS, Method, StepQuantities
 from popo_core.errors import ConfigError
 from popo_core.algo.siamese import PENALTIES, Penalty
 
@@ -37,9 +37,10 @@ class Objective:
     def policy_loss(self) -> Callable[..., tuple[Tensor, dict[str, float]]]:
         return partial(self.method.loss, **self.knobs)
 
-    def step(self, rewards: Tensor, group_ids: Tensor, lengths: Tensor, seq_log_ratio: Tensor | None = None) -> Step:
+    def quantities(self, rewards: Tensor, group_ids: Tensor, lengths: Tensor,
+                   seq_log_ratio: Tensor | None = None) -> StepQuantities:
         """The quantities of one optimizer step, over every completion of that step."""
-        return self.method.step(rewards, group_ids, lengths, seq_log_ratio=seq_log_ratio, **self.knobs)
+        return self.method.quantities(rewards, group_ids, lengths, seq_log_ratio=seq_log_ratio, **self.knobs)
 
     def forwarded(self, rewards: Tensor) -> Tensor:
         return self.method.forwarded(rewards)

@@ -159,7 +159,7 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
     if obj.needs.seq_log_ratio and inputs.old is not None:
         seq_log_ratio = _seq_log_ratio(learner, batch, rows, inputs.old, micro_batch_size)
     # METHOD.md section 1: the normalisers are those of the whole optimizer step.
-    step = obj.step(rewards, gids, lengths, seq_log_ratio=seq_log_ratio)
+    step = obj.quantities(rewards, gids, lengths, seq_log_ratio=seq_log_ratio)
     forwarded = obj.forwarded(rewards)
     penalised = forwarded & obj.penalised(rewards)
     n_penalised = int(penalised.sum())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from popo_core.algo.losses import Step, grpo_loss, grpo_step, group_advantages, popo_loss, popo_step
+from popo_core.algo.losses import StepQuantities, grpo_loss, grpo_step, group_advantages, popo_loss, popo_step
 
 F64 = torch.float64
 SEEDS = [0, 1, 2, 3]
@@ -647,7 +647,7 @@ def test_grpo_micro_batches_match_whole_batch(seed, scale_std, aggregation, kl_b
         loss.backward()
         total += float(loss.detach())
         # The step's advantages but this micro-batch's own denominators.
-        own = Step({"advantage": step.rows["advantage"][idx]}, {"n_completions": len(part), "n_tokens": float(m.mask.sum())})
+        own = StepQuantities({"advantage": step.rows["advantage"][idx]}, {"n_completions": len(part), "n_tokens": float(m.mask.sum())})
         naive_total += float(grpo_loss(m.lp, m.old, m.mask, m.rewards, m.gids, ref_logprobs=m.ref, **kw, step=own)[0])
     assert close(total, whole_loss)
     assert torch.allclose(lp.grad, whole_grad, rtol=1e-9, atol=1e-14)
