@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from popo_core.algo.losses import rollout_divergence, rollout_weights
-from popo_core.trainer.distributed import SINGLE, Ranks, reshard
+from popo_core.trainer.distributed import SINGLE, Ranks, full, full_state_dict, reshard
 from popo_core.trainer.companions import autocast
 from popo_core.algo.objective import Objective
 from popo_core.trainer.logprobs import collate, completion_forward, completion_logprobs_and_entropy
@@ -67,8 +67,6 @@ class Learner:
         """The policy as one whole module (under FSDP: the sampler's copy, given the current weights)."""
         if not self.ranks.distributed:
             return self.model
-        from popo_core.trainer.distributed import full_state_dict
-
         self.whole.load_state_dict(full_state_dict(self.model))
         return self.whole
 
@@ -97,6 +95,19 @@ class Batch:
         return len(self.rollouts)
 
 
+# ------------------------------------------------------------------------ the micro-batch driver
+def micro_batches(ranks: Ranks, positions: Tensor, size: int):
+    """This rank's micro-batches of `positions` as (positions, weight). Every rank runs as many
+    micro-batches as the busiest one, so the collectives stay in step: a rank whose share ran out
+    runs a placeholder (one row, weight 0). Otherwise the weight is the world size: FSDP averages
+    gradients over ranks, so scaled by their number they sum (x 1 on one process)."""
+    for pos in ranks.chunks(positions, size):
+        if len(pos) == 0:
+            yield positions[:1], 0.0
+        else:
+            yield pos, float(ranks.world)
+
+
 # ---------------------------------------------------------------------------------- forwards
 def _collate(learner: Learner, batch: Batch, rows: list[int]):
     r = batch.rollouts
@@ -116,15 +127,13 @@ def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batc
     dtype = torch.promote_types(next(learner.model.parameters()).dtype, torch.float32)
     lp = torch.zeros(len(batch), width, device=learner.device, dtype=dtype)
     ent = torch.zeros_like(lp) if entropy else None
-    every = torch.tensor(rows, dtype=torch.long)
-    for chunk in learner.ranks.chunks(every, micro_batch_size):
-        placeholder = len(chunk) == 0  # this rank's share ran out: keep the collectives in step
-        micro = (every[:1] if placeholder else chunk).tolist()
+    for chunk, weight in micro_batches(learner.ranks, torch.tensor(rows, dtype=torch.long), micro_batch_size):
+        micro = chunk.tolist()
         seqs = _collate(learner, batch, micro)
         with learner.autocast():
             m_lp, m_ent = completion_logprobs_and_entropy(model, seqs, temperature=learner.temperature,
                                                           suppress_ids=learner.suppress)
-        if placeholder:
+        if weight == 0:  # a placeholder: its forward only kept the collectives in step
             continue
         index = torch.tensor(micro, device=learner.device)
         lp[index] = _padded(m_lp.to(dtype), width)
@@ -170,37 +179,21 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
     # token-weighted loss metrics; the sampler divergence when this forward is pi_old's.
     sums = {"loss/policy": 0.0, "tokens": 0.0, "penalty": 0.0, "mismatch": 0.0, "kl": 0.0, "sampled_tokens": 0.0,
             "nonfinite": 0.0}
-    for pos in ranks.chunks(positions, micro_batch_size):
-        placeholder = len(pos) == 0  # this rank's share ran out: a zero-weight row keeps the collectives in step
-        pos = positions[:1] if placeholder else pos
+    for pos, weight in micro_batches(ranks, positions, micro_batch_size):
         micro = rows[pos].tolist()
-        seqs = _collate(learner, batch, micro)
-        with learner.autocast():
-            lp, h = completion_forward(learner.model, seqs, temperature=learner.temperature,
-                                       suppress_ids=learner.suppress, hidden=reads_hidden)
-        mask, width = seqs.mask, seqs.mask.shape[1]
-        # pi_old (METHOD.md, Setting): recomputed before the step, or, with one optimizer step per
-        # rollout batch, this very forward (rho = 1 exactly).
-        old = inputs.old[micro, :width] if inputs.old is not None else lp.detach()
-        mu = batch.sampler_logprobs[micro, :width] if batch.sampler_logprobs is not None else None
-        token_weight = rollout_weights(old, mu, mask, mode=correction, cap=cap)
-        extra = {"ref_logprobs": inputs.ref[micro, :width]} if obj.needs.reference else {}
-        loss, m = obj.policy_loss(lp, old, mask, batch.rewards[micro], batch.group_ids[micro], step=step.take(pos),
-                                  token_weight=token_weight, **extra)
-        total, p_value = loss, 0.0
         pen_rows = penalised[pos]
-        if penalty is not None and (bool(pen_rows.any()) or ranks.distributed):
-            # METHOD.md section 3: the penalty over the method's penalised completions, mean over the step's.
-            live = bool(pen_rows.any()) and not placeholder
-            with learner.autocast():  # without penalised rows here, still the momentum forward the other ranks run
-                p_loss, _ = _penalty(learner, batch, micro, seqs, lp, h, pen_rows if live else torch.ones_like(pen_rows),
-                                     max(n_penalised, 1), penalty)
-            total = total + (obj.penalty_weight if live else 0.0) * p_loss
-            p_value = float(p_loss.detach()) if live else 0.0
-        if not placeholder:
+        live = bool(pen_rows.any()) and weight > 0  # penalised rows here count; else a zero-weight momentum
+        # forward still runs under FSDP, where every rank must join the momentum network's collectives
+        with_penalty = penalty is not None and (bool(pen_rows.any()) or ranks.distributed)
+        total, loss, p_value, m, mask, old, mu = micro_batch_loss(
+            learner, batch, inputs, step.take(pos), micro, correction=correction, cap=cap,
+            penalty=penalty if with_penalty else None, pen_rows=pen_rows if live else torch.ones_like(pen_rows),
+            n_penalised=max(n_penalised, 1), penalty_weight=obj.penalty_weight if live else 0.0,
+            reads_hidden=reads_hidden)
+        if weight > 0:
             n_tok = float(mask.sum())
             sums["loss/policy"] += float(loss.detach())
-            sums["penalty"] += p_value
+            sums["penalty"] += p_value if live else 0.0
             sums["tokens"] += n_tok
             for key, value in m.items():  # clip/fraction, ratio/mean, ...: token means, weighted
                 sums[TOKEN_MEAN + key] = sums.get(TOKEN_MEAN + key, 0.0) + value * n_tok
@@ -209,9 +202,38 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
                     sums[k] += v
             sums["nonfinite"] += float(not bool(torch.isfinite(total.detach())))
         if total.requires_grad:
-            # FSDP averages gradients over ranks: scaled by their number, they sum (x 1 on one process).
-            (total * (0.0 if placeholder else float(ranks.world))).backward()
+            (total * weight).backward()
     return sums
+
+
+def micro_batch_loss(learner: Learner, batch: Batch, inputs: StepInputs, quantities, micro: list[int], *,
+                     correction: str, cap: float, penalty, pen_rows: Tensor, n_penalised: int, penalty_weight: float,
+                     reads_hidden: bool):
+    """One micro-batch's loss: the method's policy loss with the step's quantities, plus the weighted
+    siamese penalty over its penalised rows (METHOD.md sections 1 and 3). Returns (total, policy
+    loss, penalty value, the loss's metrics, mask, pi_old log-probs, the sampler's log-probs)."""
+    obj = learner.objective
+    seqs = _collate(learner, batch, micro)
+    with learner.autocast():
+        lp, h = completion_forward(learner.model, seqs, temperature=learner.temperature,
+                                   suppress_ids=learner.suppress, hidden=reads_hidden)
+    mask, width = seqs.mask, seqs.mask.shape[1]
+    # pi_old (METHOD.md, Setting): recomputed before the step, or, with one optimizer step per
+    # rollout batch, this very forward (rho = 1 exactly).
+    old = inputs.old[micro, :width] if inputs.old is not None else lp.detach()
+    mu = batch.sampler_logprobs[micro, :width] if batch.sampler_logprobs is not None else None
+    token_weight = rollout_weights(old, mu, mask, mode=correction, cap=cap)
+    extra = {"ref_logprobs": inputs.ref[micro, :width]} if obj.needs.reference else {}
+    loss, m = obj.policy_loss(lp, old, mask, batch.rewards[micro], batch.group_ids[micro], step=quantities,
+                              token_weight=token_weight, **extra)
+    total, p_value = loss, 0.0
+    if penalty is not None:
+        # METHOD.md section 3: the penalty over the method's penalised completions, mean over the step's.
+        with learner.autocast():
+            p_loss, _ = _penalty(learner, batch, micro, seqs, lp, h, pen_rows, n_penalised, penalty)
+        total = total + penalty_weight * p_loss
+        p_value = float(p_loss.detach())
+    return total, loss, p_value, m, mask, old, mu
 
 
 TOKEN_MEAN = "token_mean:"  # a loss metric's token-weighted sum over the step's micro-batches
@@ -306,8 +328,6 @@ def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> d
 
 
 def _clip(params: list, max_norm: float) -> float:
-    from popo_core.trainer.distributed import full
-
     return float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
 
