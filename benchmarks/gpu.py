@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from popo_core.config import AlgoConfig, Config, LoraConfig  # noqa: E402  (dataclasses only: no hydra)
-from popo_core.trainer.companions import add_lora, momentum_network, reference_network  # noqa: E402
+from popo_core.model.lora import add_lora  # noqa: E402
+from popo_core.trainer.companions import momentum_network, reference_network  # noqa: E402
 from popo_core.algo.objective import build_objective  # noqa: E402
 from popo_core.rollout import Rollouts  # noqa: E402
 from popo_core.trainer.update import Batch, Learner, StepInputs, optimizer_step  # noqa: E402

@@ -159,7 +159,7 @@ def save_policy(model, tokenizer, path: str | Path, *, base_name: str | None = N
     `merged` the merged weights are saved beside it in merged/. The adapter names its base by
     `base_name` (a Hub id or directory); a base that cannot be fetched again (the random `tiny`)
     is saved in base/."""
-    from popo_core.trainer.companions import POLICY, is_peft, merged_state_dict
+    from popo_core.model.lora import POLICY, is_peft, merged_state_dict
 
     path = Path(path)
     if not is_peft(model):

@@ -75,7 +75,7 @@ def named_tensors(model) -> list[tuple[str, object]]:
     The seam for LoRA and FSDP: a merged LoRA model or tensors gathered from FSDP shards are
     pushed the same way, as (name, full tensor) pairs, with `VLLMEngine.push_weights`.
     """
-    from popo_core.trainer.companions import merged_state_dict
+    from popo_core.model.lora import merged_state_dict
 
     # A LoRA policy pushes its merged weights (W + scale B A) under the base model's names.
     return [(name, tensor.detach()) for name, tensor in merged_state_dict(model).items()]

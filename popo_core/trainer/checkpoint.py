@@ -59,7 +59,7 @@ def save(
 def _restore_policy(model, policy_dir: Path, device) -> None:
     from safetensors.torch import load_file
 
-    from popo_core.trainer.companions import POLICY, is_peft
+    from popo_core.model.lora import POLICY, is_peft
 
     if is_peft(model):  # a LoRA run: the frozen base is rebuilt; the adapter is what trained
         from peft import set_peft_model_state_dict

@@ -1,5 +1,5 @@
-"""The policy's companions and its precision: the momentum network, the frozen reference, LoRA
-adapters through peft, and fp32 master weights under bf16 compute.
+"""The policy's companions and its precision: the momentum network, the frozen reference (as full
+copies or as LoRA adapters, popo_core.model.lora), and fp32 master weights under bf16 compute.
 
 Each companion is used the same way whatever holds it: `with net.active() as module:` yields a
 module to run forward (no gradient), `update_(policy, m)` averages it toward the policy (METHOD.md
@@ -13,18 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from popo_core.algo.siamese import momentum_update_
-
-POLICY, MOMENTUM = "default", "momentum"  # peft adapter names
-
-
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+from popo_core.model.lora import MOMENTUM, POLICY, adapter, adapter_params, is_peft
 
 
 # ---------------------------------------------------------------------------------- precision
@@ -33,64 +27,6 @@ def autocast(device: torch.device, compute_dtype: torch.dtype):
     if compute_dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=compute_dtype)
-
-
-# --------------------------------------------------------------------------------------- LoRA
-def add_lora(model, lora_cfg):
-    """Wrap `model` in a peft LoRA adapter (`model.lora.*`); the base is frozen, the adapter fp32."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.targets), modules_to_save=list(lora_cfg.modules_to_save) or None,
-                        bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config, adapter_name=POLICY, autocast_adapter_dtype=True)
-
-
-def adapter_params(model, adapter: str) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of one adapter's LoRA A and B matrices (and its copies of the
-    modules_to_save), in a fixed order."""
-    tag = f".{adapter}."
-    return [(n, p) for n, p in model.named_parameters()
-            if ("lora_A" in n or "lora_B" in n or ".modules_to_save." in n) and tag in n]
-
-
-@contextlib.contextmanager
-def adapter(model, name: str) -> Iterator:
-    """Run `model` with adapter `name` active; the policy's adapter is active again on exit, so a
-    checkpointed backward recomputes with the policy's weights."""
-    model.set_adapter(name)
-    try:
-        yield model
-    finally:
-        model.set_adapter(POLICY)
-
-
-def merged_state_dict(model) -> dict[str, Tensor]:
-    """The policy's weights with its LoRA adapter merged (W + scale * B A), under the base model's
-    own names: what a separate sampler (vLLM) loads. The model itself is left unmerged."""
-    if not is_peft(model):
-        return dict(model.state_dict())
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    merged: dict[str, Tensor] = {}
-    lora_modules = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    with torch.no_grad():
-        for name, module in lora_modules.items():
-            w = module.get_base_layer().weight
-            merged[f"{name}.weight"] = (w + module.get_delta_weight(POLICY).to(w.dtype)).detach()
-        for key, value in base.state_dict().items():
-            if "lora_" in key or ".original_module." in key:
-                continue
-            if ".modules_to_save." in key:  # trained whole: the policy's copy replaces the module
-                if f".modules_to_save.{POLICY}." not in key:
-                    continue
-                key = key.replace(f".modules_to_save.{POLICY}.", ".")
-                merged[key] = value
-                continue
-            clean = key.replace(".base_layer.", ".")
-            merged.setdefault(clean, value)
-    return merged
 
 
 # ------------------------------------------------------------------------------- companions

@@ -18,7 +18,8 @@ from popo_core.config import Config, ConfigError
 from popo_core.data.datasets import Problem, prompt_ids
 from popo_core.evaluation.metrics import evaluate_problems
 from popo_core.model.loading import load_model_and_tokenizer, resolve_device, resolve_dtype
-from popo_core.trainer.companions import add_lora, momentum_network, reference_network
+from popo_core.model.lora import add_lora
+from popo_core.trainer.companions import momentum_network, reference_network
 from popo_core.algo.objective import build_objective
 from popo_core.grading.verifiers import grade_counts
 from popo_core.rollout import Rollouts, make_engine

@@ -111,7 +111,7 @@ def test_shared_prefill_samples_what_a_separate_prefill_samples(tiny, max_new_to
 
 def test_shared_prefill_through_a_peft_model():
     from popo_core.config import compose
-    from popo_core.trainer.companions import add_lora
+    from popo_core.model.lora import add_lora
 
     torch.manual_seed(0)
     cfg = compose("tiny", ["model.lora.rank=8"])

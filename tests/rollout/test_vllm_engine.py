@@ -97,7 +97,7 @@ def test_vllm_only_settings_with_the_hf_engine_are_refused(override, key):
 def test_a_lora_policy_pushes_its_merged_weights():
     """vLLM samples from W + scale B A: its log-probs equal the trainer's through the peft model."""
     from popo_core.config import LoraConfig
-    from popo_core.trainer.companions import POLICY, adapter_params, add_lora
+    from popo_core.model.lora import POLICY, adapter_params, add_lora
 
     model, tok = tiny_model()
     model = add_lora(model, LoraConfig(rank=4, alpha=8))

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_overrides
 from popo_core.config import compose
 from popo_core.model.loading import load_model_and_tokenizer
-from popo_core.trainer.companions import MOMENTUM, POLICY, adapter_params, merged_state_dict
+from popo_core.model.lora import MOMENTUM, POLICY, adapter_params, merged_state_dict
 from popo_core.trainer.loop import build, train
 from popo_core.trainer.update import StepInputs, backward, optimizer_step, recompute
 from helpers import fixed_batch
