@@ -267,14 +267,14 @@ class AblationResult:
 
 def run_ablation(ablation: Ablation, reporter: Reporter | None = None) -> AblationResult:
     """Reuse what MLflow already holds, train the rest one after another, then aggregate and log."""
-    from popo_core.tracking import Run, find_runs
+    from popo_core.tracking import MlflowRun, find_runs
 
     reporter = reporter or Reporter()
     found = {r.name: o for r in ablation.runs if (o := find_finished(r)) is not None}
     reporter.on_plan(ablation, found)
     t = ablation.runs[0].cfg.tracking
     parents = find_runs(t.uri, t.experiment, f"tags.`popo.ablation_key` = '{ablation.key}'", max_results=1) if t.enabled else []
-    parent = Run(
+    parent = MlflowRun(
         uri=t.uri, experiment=t.experiment, enabled=t.enabled, run_id=parents[0].info.run_id if parents else None,
         run_name=f"ablate-{ablation.preset}-{ablation.key}", tags={"popo.ablation_key": ablation.key, "popo.preset": ablation.preset},
     )

@@ -156,7 +156,7 @@ class TrainerConfig:
     diagnostics_every: int = 25
     output_dir: Optional[str] = None  # None: runs/<preset>-<algo>-seed<seed>-<time>
     save_every: int = 100
-    micro_batch_size: int = 256  # completions per forward/backward; groups are never split
+    micro_batch_size: int = 256  # completions per forward/backward (a group may span several: the step's quantities are computed over the whole step)
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_nonfinite: int = 5  # consecutive non-finite losses before the run aborts

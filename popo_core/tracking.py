@@ -72,7 +72,7 @@ def experiment_id(mlflow_client, name: str) -> str:
         return _retry(lambda: mlflow_client.get_experiment_by_name(name)).experiment_id
 
 
-class Run:
+class MlflowRun:
     """One MLflow run: params, batched metrics, artifacts. Use as a context manager."""
 
     def __init__(
@@ -107,7 +107,7 @@ class Run:
         else:
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> "MlflowRun":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -157,12 +157,6 @@ class Run:
         history = _retry(lambda: self.client.get_metric_history(self.run_id, key))
         return max((m.step for m in history), default=-1)
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        for k, v in tags.items():
-            _retry(lambda: self.client.set_tag(self.run_id, k, str(v)))
-
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
@@ -207,7 +201,7 @@ def ready_client(uri: str | None = None):
 
 
 def update_run(uri: str | None, run_id: str, *, tags: Mapping[str, Any] | None = None, status: str | None = None) -> None:
-    """Tag an existing run in one write and, given a status, end it. Unlike `Run(run_id=...)` it
+    """Tag an existing run in one write and, given a status, end it. Unlike `MlflowRun(run_id=...)` it
     does not mark the run RUNNING first."""
     from mlflow.entities import RunTag
 

@@ -23,11 +23,11 @@ def test_passwords_in_urls_are_masked():
 
 
 def test_batched_metrics_reach_the_store_on_flush_and_on_a_crash(tmp_path):
-    from popo_core.tracking import Run, client
+    from popo_core.tracking import MlflowRun, client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(RuntimeError):
-        with Run(uri=uri, experiment="t", flush_every_s=3600) as run:
+        with MlflowRun(uri=uri, experiment="t", flush_every_s=3600) as run:
             for step in range(1, 4):
                 run.log_metrics({"reward/mean": step / 10}, step)
             c = client(uri)
@@ -41,10 +41,10 @@ def test_batched_metrics_reach_the_store_on_flush_and_on_a_crash(tmp_path):
 
 
 def test_unbatched_metrics_are_sent_at_once(tmp_path):
-    from popo_core.tracking import Run, client
+    from popo_core.tracking import MlflowRun, client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run = Run(uri=uri, experiment="t")
+    run = MlflowRun(uri=uri, experiment="t")
     run.log_metrics({"x": 1.0}, 0)
     assert [m.value for m in client(uri).get_metric_history(run.run_id, "x")] == [1.0]
 
@@ -52,9 +52,9 @@ def test_unbatched_metrics_are_sent_at_once(tmp_path):
 def test_a_flush_sends_whole_steps_to_each_call(tmp_path):
     """The store commits one call at once: no step may straddle two calls (a kill between them would
     leave it half-written)."""
-    from popo_core.tracking import Run
+    from popo_core.tracking import MlflowRun
 
-    run = Run(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t", flush_every_s=3600)
+    run = MlflowRun(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t", flush_every_s=3600)
     calls = []
     send = run.client.log_batch
     run.client.log_batch = lambda run_id, metrics: (calls.append([m.step for m in metrics]), send(run_id, metrics=metrics))

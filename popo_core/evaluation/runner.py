@@ -383,7 +383,7 @@ def _experiment(s: EvalSettings) -> str:
 
 def log_to_mlflow(s: EvalSettings, result: EvalResult, experiment: str) -> str:
     """An eval run (a child of --run-id when given): params, <bench>/... metrics, summary.json."""
-    from popo_core.tracking import Run
+    from popo_core.tracking import MlflowRun
 
     p = result.protocol
     # One name per knob: a setting popo train also has is logged under its train name.
@@ -395,7 +395,7 @@ def log_to_mlflow(s: EvalSettings, result: EvalResult, experiment: str) -> str:
                    "rollout.top_p": s.top_p, "rollout.eval_max_new_tokens": s.eval_max_new_tokens,
                    "rollout.engine": s.engine, "rollout.tensor_parallel_size": s.tensor_parallel_size}
     name = f"eval-{Path(s.model).name if s.model else Path(s.responses or '').stem}"
-    with Run(uri=s.tracking_uri, experiment=experiment, run_name=name, parent_run_id=s.run_id,
+    with MlflowRun(uri=s.tracking_uri, experiment=experiment, run_name=name, parent_run_id=s.run_id,
              tags={"popo.kind": "eval"}) as run:
         run.log_params(params)
         metrics: dict[str, float] = {}

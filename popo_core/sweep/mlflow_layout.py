@@ -18,7 +18,7 @@ from popo_core import tracking
 class StudyRuns:
     def __init__(self, uri: str | None, experiment: str, study: str):
         self.uri, self.experiment, self.study = uri, experiment, study
-        self.parent: tracking.Run | None = None
+        self.parent: tracking.MlflowRun | None = None
 
     def _parents(self) -> list:
         runs = tracking.find_runs(self.uri, self.experiment, f"tags.`popo.sweep.study` = '{self.study}'")
@@ -30,7 +30,7 @@ class StudyRuns:
         tracking.ready_client(self.uri)
         found = self._parents()
         if not found:
-            run = tracking.Run(uri=self.uri, experiment=self.experiment, run_name=f"sweep-{self.study}",
+            run = tracking.MlflowRun(uri=self.uri, experiment=self.experiment, run_name=f"sweep-{self.study}",
                                tags={"popo.sweep.study": self.study, **{k: str(v) for k, v in tags.items()}})
             oldest = self._parents()[0].info.run_id
             if oldest == run.run_id:
@@ -39,7 +39,7 @@ class StudyRuns:
                 return run.run_id
             tracking.delete_run(self.uri, run.run_id)
             found = self._parents()
-        self.parent = tracking.Run(uri=self.uri, run_id=found[0].info.run_id)  # marks it RUNNING again
+        self.parent = tracking.MlflowRun(uri=self.uri, run_id=found[0].info.run_id)  # marks it RUNNING again
         return self.parent.run_id
 
     def tag_trial_run(self, run_id: str, tags: Mapping[str, Any], model=None) -> None:
@@ -49,7 +49,7 @@ class StudyRuns:
             total = sum(p.numel() for p in model.parameters())
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             text = f"{type(model).__name__}: {total:,} parameters ({trainable:,} trainable)\n\n{model}\n"
-            tracking.Run(uri=self.uri, run_id=run_id).log_text(text, "model_summary.txt")
+            tracking.MlflowRun(uri=self.uri, run_id=run_id).log_text(text, "model_summary.txt")
 
     def trial_finished(self, frozen) -> None:
         run_id = frozen.user_attrs.get("popo.mlflow_run_id")

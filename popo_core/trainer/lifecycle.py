@@ -99,7 +99,7 @@ class TrainingRun:
     # ------------------------------------------------------------------------------ life cycle
     def open(self, learner, tokenizer) -> "TrainingRun":
         """Restore a resumed run into `learner`, open the MLflow run and metrics.jsonl."""
-        from popo_core.tracking import Run
+        from popo_core.tracking import MlflowRun
 
         cfg, out = self.cfg, self.output_dir
         self.learner, self.tokenizer = learner, tokenizer
@@ -119,7 +119,7 @@ class TrainingRun:
         (out / "config.yaml").write_text(to_yaml(cfg))
         t = cfg.tracking
         tags = {"popo.preset": cfg.preset, "popo.algo": cfg.algo.name, "popo.output_dir": str(out.resolve())}
-        self._mlflow = Run(uri=t.uri, experiment=t.experiment, enabled=t.enabled, run_id=self.state["run_id"],
+        self._mlflow = MlflowRun(uri=t.uri, experiment=t.experiment, enabled=t.enabled, run_id=self.state["run_id"],
                            run_name=t.run_name or out.name, parent_run_id=t.parent_run_id, tags=tags,
                            flush_every_s=t.flush_every_s)
         if self.state["run_id"] is None:

@@ -136,13 +136,13 @@ def test_responses_run_logs_to_mlflow_nested_under_a_training_run(evaldir, monke
     from typer.testing import CliRunner
 
     from popo_cli.main import app
-    from popo_core.tracking import Run, client
+    from popo_core.tracking import MlflowRun, client
 
     uri = f"sqlite:///{evaldir}/mlflow.db"
     shutil.copy(mlflow_store, evaldir / "mlflow.db")
     monkeypatch.chdir(evaldir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with Run(uri=uri, experiment="popo", run_name="train") as parent:
+    with MlflowRun(uri=uri, experiment="popo", run_name="train") as parent:
         pass
     rows = _bench_rows("aime24")
     with open(evaldir / "r.jsonl", "w") as f:
