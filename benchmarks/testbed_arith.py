@@ -57,7 +57,7 @@ def evaluate(model: str, samples: int, env: dict, out: Path) -> dict:
 
 
 def build_warmstart(overrides: list[str], env: dict) -> tuple[str, float, float]:
-    code = ("import sys, json; from popo_core.config import compose; from popo_core import warmstart\n"
+    code = ("import sys, json; from popo_core.config import compose; from popo_core.model import warmstart\n"
             "cfg = warmstart.ensure(compose('arith', sys.argv[1:]))\n"
             "print(json.dumps({'path': cfg.model.name_or_path}))\n")
     proc, wall, cpu = run([sys.executable, "-c", code, *overrides], env)

@@ -165,7 +165,7 @@ def test_other_models_pass_through_and_the_recipe_is_not_a_model():
 @pytest.mark.slow
 def test_concurrent_runs_build_once(cache, tmp_path):
     script = (
-        "import sys; from popo_core.config import compose; from popo_core import warmstart\n"
+        "import sys; from popo_core.config import compose; from popo_core.model import warmstart\n"
         f"cfg = compose('arith', {SMALL!r})\n"
         "warmstart.ensure(cfg, on_build=lambda p: open(sys.argv[1], 'a').write('built\\n'))\n"
     )
