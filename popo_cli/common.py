@@ -8,13 +8,15 @@ from typing import Iterator, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """`error: message` on one line (printed literally: brackets in paths and extras survive)."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -27,6 +29,9 @@ def user_errors() -> Iterator[None]:
         yield
     except UserError as err:
         fail(first_line(err))
+    except OSError as err:  # the file system or network refused something the input named
+        where = f"{err.filename}: " if err.filename else ""
+        fail(f"{where}{err.strerror or first_line(err)}")
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
-from popo_cli.common import console, fail, preset_help, progress_bar, setup_env, split_preset, user_errors
+from popo_cli.common import console, err_console, fail, preset_help, progress_bar, setup_env, split_preset, user_errors
 
 
 def make_progress_callbacks(label: str = "train"):
@@ -33,6 +34,12 @@ def make_progress_callbacks(label: str = "train"):
             info = f"reward {reward:.3f}  " if reward is not None else ""
             info += f"eval/accuracy {self.accuracy:.3f}"
             self.progress.update(self.task, completed=step, info=info)
+
+        def on_resume(self, step, redone, last):
+            self.accuracy = last.get("eval/accuracy", self.accuracy)
+            again = f"; steps {redone.start}..{redone.stop - 1} logged before the interruption are redone" if redone else ""
+            self.progress.console.print(f"resuming from step {step} (checkpoint){again}", soft_wrap=True)
+            self.on_step(step, last)
 
         def close(self):
             self.progress.stop()
@@ -97,6 +104,9 @@ def train(
         if dry_run:
             plan_view.render(cfg, gpu_memory=gpu_memory, world_size=gpus, prompt_tokens=prompt_tokens)
             return
+        from popo_core import preflight
+
+        preflight.training(cfg)  # output directory, device, tracking store, engine: before anything is built
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if not no_fit_check:
             plan_view.preflight(cfg, gpu_memory, world_size=world)
@@ -110,12 +120,19 @@ def train(
         training_run = TrainingRun(cfg, bar)  # checks the output directory at once
         if main:
             ranks = f" on {world} processes" if world > 1 else ""
-            console.print(f"[bold]popo train[/] {preset} ({cfg.algo.name}){ranks} -> {training_run.output_dir}"
-                          f"  [dim](rerun with trainer.output_dir={training_run.output_dir} to resume)[/]")
+            out = escape(str(training_run.output_dir))
+            hint = "" if cfg.trainer.output_dir else f"  [dim](rerun with trainer.output_dir={out} to resume)[/]"
+            console.print(f"[bold]popo train[/] {preset} ({cfg.algo.name}){ranks} -> {out}{hint}")
         try:
             result = train(cfg, run=training_run)
         except TrainingAborted as err:
             fail(str(err), code=1)
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            if main:
+                err_console.print(f"[yellow]{escape(interrupted_note(cfg, training_run))}[/]", soft_wrap=True)
+            raise typer.Exit(130)
         finally:
             if bar is not None:
                 bar.close()
@@ -126,6 +143,15 @@ def train(
     acc = "n/a" if result.final_accuracy is None else f"{result.final_accuracy:.3f}"
     console.print(f"final eval/accuracy {acc} at step {result.step}; policy saved to {result.output_dir}"
                   f"; MLflow run {result.run_id}")
+
+
+def interrupted_note(cfg, training_run) -> str:
+    """What Ctrl-C left behind and how to go on."""
+    step, saved = training_run.state["step"], training_run.saved_step
+    if not saved:
+        return f"interrupted at step {step}; no checkpoint yet (trainer.save_every={cfg.trainer.save_every}): a rerun starts afresh"
+    rerun = "rerun the same command" if cfg.trainer.output_dir else f"rerun with trainer.output_dir={training_run.output_dir}"
+    return f"interrupted at step {step}; last checkpoint at step {saved}; {rerun} to resume"
 
 
 def _doc() -> str:

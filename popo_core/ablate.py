@@ -269,6 +269,10 @@ def run_ablation(ablation: Ablation, reporter: Reporter | None = None) -> Ablati
     """Reuse what MLflow already holds, train the rest one after another, then aggregate and log."""
     from popo_core.tracking import MlflowRun, find_runs
 
+    from popo_core import preflight
+
+    preflight.output_dir(ablation.output_dir, key="--output-dir")
+    preflight.training(ablation.runs[0].cfg)  # before the parent run exists: a refused start leaves nothing
     reporter = reporter or Reporter()
     found = {r.name: o for r in ablation.runs if (o := find_finished(r)) is not None}
     reporter.on_plan(ablation, found)

@@ -227,10 +227,10 @@ def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -
     from hydra import initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if preset not in presets():
-        raise ConfigError(f"unknown preset {preset!r} (choose from: {', '.join(presets())})")
+        raise ConfigError(f"unknown preset {preset!r}{did_you_mean(preset, presets())} (choose from: {', '.join(presets())})")
     for item in overrides:
         if "=" not in item or item.startswith(("+", "~")):
             raise ConfigError(f"override {item!r}: expected key=value with an existing key")
@@ -245,10 +245,13 @@ def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except MissingConfigException as err:
         group, _, name = (err.missing_cfg_file or "").partition("/")
-        raise ConfigError(f"unknown {group} {name!r} (choose from: {', '.join(err.options or [])})") from None
+        options = list(err.options or [])
+        raise ConfigError(f"unknown {group} {name!r}{did_you_mean(name, options)} (choose from: {', '.join(options)})") from None
     except (OmegaConfBaseException, HydraException) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
         key = getattr(cause, "full_key", None)
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key and "not in" in str(cause):
+            raise ConfigError(f"unknown key {key}{did_you_mean(key, list(to_flat_dict(Config())))}") from None
         msg = first_line(cause)
         raise ConfigError(f"{key}: {msg}" if key else first_line(err, lines=2)) from None
     cfg.preset = preset
@@ -264,7 +267,27 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+    hint = did_you_mean(str(value), [str(c) for c in choices])
+    _check(value in choices, key, value, f"must be one of {', '.join(choices)}{hint}")
+
+
+def did_you_mean(name: str, valid: list[str]) -> str:
+    """` (did you mean a or b?)` naming the valid names closest to `name`, or "" when none is close.
+    A bare key (`max_steps`) also finds the dotted keys it ends (`trainer.max_steps`)."""
+    leaf = name.rsplit(".", 1)[-1]
+    same_leaf = [v for v in valid if v != name and v.rsplit(".", 1)[-1] == leaf]
+    leaves = {v.rsplit(".", 1)[-1]: v for v in valid}
+    close = same_leaf or _closest(name, valid) or [leaves[m] for m in _closest(leaf, list(leaves))]
+    return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
+
+
+def _closest(name: str, valid: list[str]) -> list[str]:
+    """The valid names about as similar to `name` as the most similar one (ratio >= 0.7)."""
+    import difflib
+
+    ratio = {v: difflib.SequenceMatcher(None, name, v).ratio() for v in valid}
+    best = max(ratio.values(), default=0.0)
+    return sorted((v for v, r in ratio.items() if r >= 0.7 and r >= best - 0.04), key=lambda v: -ratio[v])
 
 
 def validate(cfg: Config) -> None:

@@ -43,6 +43,10 @@ class Callbacks:
 
     def on_eval(self, step: int, accuracy: float) -> None: ...
 
+    def on_resume(self, step: int, redone: range, last: dict[str, float]) -> None:
+        """A resumed run restored its step-`step` checkpoint; the steps in `redone` had been logged
+        before the interruption and are trained again; `last` holds the latest logged values."""
+
 
 def default_output_dir(cfg: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -63,7 +67,9 @@ class TrainingRun:
         self.callbacks = (callbacks if self.main else None) or Callbacks()
         # One name for every rank (the default one holds the time).
         self.output_dir = Path(self.ranks.broadcast(cfg.trainer.output_dir or str(default_output_dir(cfg))))
+        self.redone = range(0)  # steps logged after the checkpoint a resume starts from
         self.resuming = self._check_output_dir()
+        self.saved_step = checkpoint.load_state(self.output_dir)["step"] if self.resuming else 0
         self.ranks.barrier()  # every rank has looked before rank 0 writes anything
         self.state: dict[str, Any] = {"step": 0, "run_id": None, "history": [], "counters": {}}
         self._mlflow = None
@@ -81,11 +87,21 @@ class TrainingRun:
             if diff:
                 k = diff[0]
                 raise ConfigError(f"trainer.output_dir={out}: holds a run with {k}={saved.get(k)}, not {current[k]}; pick another dir")
+            step = checkpoint.load_state(out)["step"]
+            if step > t.max_steps:
+                raise ConfigError(f"trainer.max_steps={t.max_steps}: trainer.output_dir={out} holds a run already at step "
+                                  f"{step}; give trainer.max_steps>={step} to resume it, or pick another dir")
+            self.redone = range(step + 1, min(self._last_logged_step(), t.max_steps) + 1)
             return True
         # A run killed before its first checkpoint leaves only these: start it afresh.
         if out.exists() and {p.name for p in out.iterdir()} - {"config.yaml", "metrics.jsonl"}:
             raise ConfigError(f"trainer.output_dir={out}: not empty and holds no checkpoint; pick another dir")
         return False
+
+    def _last_logged_step(self) -> int:
+        path = self.output_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return max((json.loads(ln)["step"] for ln in lines if ln.strip()), default=0)
 
     def finished_result(self) -> TrainResult | None:
         """The saved result of a run that already reached trainer.max_steps (nothing to train)."""
@@ -131,6 +147,9 @@ class TrainingRun:
         self.state["run_id"] = self._mlflow.run_id
         self._log = open(self._truncated_metrics(), "a")
         self.callbacks.on_start(self.state["step"], cfg.trainer.max_steps, out)
+        if self.resuming:
+            last = {k: h[k] for h in self.state["history"] for k in HISTORY_KEYS if k in h}
+            self.callbacks.on_resume(self.state["step"], self.redone, last)
         self.ranks.barrier()
         return self
 
@@ -185,10 +204,12 @@ class TrainingRun:
             checkpoint.save_sharded(self.output_dir, ranks=self.ranks, model=learner.model, optimizer=learner.optimizer,
                                     scheduler=learner.scheduler, state=self.state, momentum=learner.momentum,
                                     predictor=learner.predictor)
+            self.saved_step = self.state["step"]
             return
         checkpoint.save(self.output_dir, model=learner.model, tokenizer=self.tokenizer, optimizer=learner.optimizer,
                         scheduler=learner.scheduler, state=self.state, momentum=learner.momentum,
                         predictor=learner.predictor, base_name=self.cfg.model.name_or_path)
+        self.saved_step = self.state["step"]
 
     def finish(self, metrics: dict[str, float]) -> TrainResult:
         from popo_core.model.loading import save_policy
