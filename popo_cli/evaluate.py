@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from popo_cli.common import console, progress_bar, setup_env, user_errors
+from popo_cli.common import console, err_console, progress_bar, setup_env, user_errors
 
 BENCH_HELP = ("aime24, aime25, amc23, math500, gsm8k, minerva_math, olympiadbench, or all (those seven); or a "
               "synthetic task's held-out prompts: arith (named explicitly, with --model). Repeat for several.")
@@ -22,7 +22,12 @@ def eval_cmd(
                                         "a checkpoint directory written by `popo train`, or a Hub id."),
     responses: Optional[Path] = typer.Option(None, "--responses", help='Grade existing generations instead: JSONL lines '
                                              '{"id": ..., "response": ...} (several per id for K samples; add "bench" '
-                                             'to grade several benchmarks).'),
+                                             'to grade several benchmarks; --list-ids prints the ids). A problem '
+                                             'without a response is graded wrong.'),
+    answered_only: bool = typer.Option(False, "--answered-only", help="With --responses: the metrics over the "
+                                       "answered problems only (default: every problem, an unanswered one wrong)."),
+    list_ids: bool = typer.Option(False, "--list-ids", help="Print each problem's id and the start of its text (tab-"
+                                  "separated; the bench first when several) and exit: no model is loaded, no grading."),
     template: Optional[str] = typer.Option(None, "--template", help="Prompt template (default: the model's)."),
     samples: int = typer.Option(1, "--samples", "-k", help="Responses per problem (K)."),
     temperature: Optional[float] = typer.Option(
@@ -50,19 +55,41 @@ def eval_cmd(
     accuracy with a 95% CI, pass@k, maj@K."""
     setup_env()
     with user_errors():
-        from popo_core.evaluation.runner import EvalSettings, run_eval
+        from popo_core.evaluation import runner
 
-        settings = EvalSettings(
+        settings = runner.EvalSettings(
             benches=list(bench), data=data, model=model, responses=str(responses) if responses else None,
             template=template, engine=engine, tensor_parallel_size=tensor_parallel_size, samples=samples,
             temperature=temperature, top_p=top_p,
-            eval_max_new_tokens=max_new_tokens, limit=limit, workers=workers, timeout=timeout, seed=seed, device=device,
-            threads=threads, batch_prompts=batch_prompts, output=str(output) if output else None, run_id=run_id,
-            tracking=tracking, tracking_uri=tracking_uri, experiment=experiment,
+            eval_max_new_tokens=max_new_tokens, limit=limit, answered_only=answered_only, workers=workers,
+            timeout=timeout, seed=seed, device=device, threads=threads, batch_prompts=batch_prompts,
+            output=str(output) if output else None, run_id=run_id, tracking=tracking, tracking_uri=tracking_uri,
+            experiment=experiment,
         )
+        if list_ids:
+            print_ids(runner.list_ids(settings))
+            return
         with _progress() as progress:
-            result = run_eval(settings, progress)
+            result = runner.run_eval(settings, progress)
     render(result)
+
+
+def print_ids(rows) -> None:
+    """`id<TAB>problem start`, or `bench<TAB>id<TAB>problem start` for several benchmarks: plain text for a pipe."""
+    import os
+    import sys
+
+    several = len({bench for bench, _ in rows}) > 1
+    lines = []
+    for bench, problem in rows:
+        text = " ".join(problem.problem.split())
+        text = text if len(text) <= 60 else text[:57] + "..."
+        lines.append("\t".join([bench, problem.id, text] if several else [problem.id, text]))
+    try:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextmanager
@@ -79,6 +106,7 @@ def _progress() -> Iterator:
 
 def render(result) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     ks = sorted({k for r in result.results for k in r.summary.pass_at_k})
@@ -99,6 +127,8 @@ def render(result) -> None:
     # Piped output has no terminal width; print the table whole rather than squeezed to 80 columns.
     out = console if console.is_terminal else Console(width=max(console.width, 200), highlight=False)
     out.print(table)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning: {escape(warning)}[/]", soft_wrap=True)
     errors = sum(r.summary.errors for r in result.results)
     if errors:
         console.print(f"[yellow]{errors} answer(s) raised an error in the grader and were graded wrong[/]")

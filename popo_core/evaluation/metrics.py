@@ -149,9 +149,9 @@ def bootstrap_interval(values: Sequence[float], *, rounds: int = 2000, seed: int
 @dataclass
 class BenchmarkSummary:
     bench: str
-    n: int  # problems graded (with at least one response)
+    n: int  # problems the metrics are over: every one (after --limit), or with answered_only the answered ones
     missing: int  # benchmark problems with no response
-    samples: int  # K: responses per problem (the fewest, if a responses file is uneven)
+    samples: int  # K: responses per problem (the most any problem has; with answered_only the fewest)
     accuracy: float  # mean over problems of the fraction of correct samples (pass@1)
     accuracy_ci: tuple[float, float]
     ci_method: str  # wilson (one sample per problem) | bootstrap (over problems)
@@ -161,12 +161,14 @@ class BenchmarkSummary:
     unparsed: int
     timeouts: int
     errors: int
+    answered_only: bool = False  # missing problems left out of the metrics rather than graded wrong
 
     def to_json(self) -> dict:
         return {
             "bench": self.bench,
             "n": self.n,
             "missing": self.missing,
+            "answered_only": self.answered_only,
             "samples": self.samples,
             "accuracy": self.accuracy,
             "accuracy_ci": list(self.accuracy_ci),
@@ -190,12 +192,27 @@ class BenchmarkSummary:
         return out
 
 
-def summarize(report: EvalReport, bench: str = "", *, missing: int = 0, seed: int = 0) -> BenchmarkSummary:
-    """The benchmark's metrics from graded responses (problems without responses are not in `report`)."""
+def summarize(report: EvalReport, bench: str = "", *, missing: int = 0, answered_only: bool = False,
+              seed: int = 0) -> BenchmarkSummary:
+    """The benchmark's metrics from graded responses; `missing` more problems have none (and are not in `report`).
+
+    By default the metrics are over every problem: K is the most responses any problem has, and an
+    absent sample (all K of a missing problem's, the rest of a problem with fewer than K) counts as an
+    unparsed response would: wrong, and no vote in maj@K. With `answered_only` they are over the
+    answered problems only, each over the responses it has (K: the fewest).
+    """
     grades = [gs for gs in report.grades if gs]
-    n = len(grades)
-    samples = min((len(gs) for gs in grades), default=0)
-    per_problem = [sum(g.correct for g in gs) / len(gs) for gs in grades]
+    counts = grade_counts([g for gs in grades for g in gs])
+    # per problem: (correct per sample, extracted answer per sample)
+    rows = [([g.correct for g in gs], [g.extracted for g in gs]) for gs in grades]
+    if answered_only:
+        samples = min((len(c) for c, _ in rows), default=0)
+    else:
+        samples = max((len(c) for c, _ in rows), default=0)
+        rows = [(c + [False] * (samples - len(c)), e + [None] * (samples - len(e))) for c, e in rows]
+        rows += [([False] * samples, [None] * samples) for _ in range(missing)]
+    n = len(rows)
+    per_problem = [sum(c) / len(c) if c else 0.0 for c, _ in rows]
     accuracy = sum(per_problem) / n if n else 0.0
     if all(p in (0.0, 1.0) for p in per_problem):
         # One sample per problem, or every problem all right or all wrong: a binomial over problems
@@ -204,11 +221,10 @@ def summarize(report: EvalReport, bench: str = "", *, missing: int = 0, seed: in
     else:
         ci, method = bootstrap_interval(per_problem, seed=seed), "bootstrap"
     ks = k_values(samples) if samples else []
-    passes = {k: sum(pass_at_k(len(gs), sum(g.correct for g in gs), k) for gs in grades) / n for k in ks}
-    maj = sum(majority_correct([g.extracted for g in gs], [g.correct for g in gs]) for gs in grades) / n if n else 0.0
-    counts = grade_counts([g for gs in grades for g in gs])
+    passes = {k: sum(pass_at_k(len(c), sum(c), k) for c, _ in rows) / n for k in ks}
+    maj = sum(majority_correct(e, c) for c, e in rows) / n if n else 0.0
     return BenchmarkSummary(
         bench=bench, n=n, missing=missing, samples=samples, accuracy=accuracy, accuracy_ci=ci, ci_method=method,
         pass_at_k=passes, maj_at_k=maj, graded=counts["ok"], unparsed=counts["unparsed"], timeouts=counts["timeout"],
-        errors=counts["error"],
+        errors=counts["error"], answered_only=answered_only,
     )

@@ -37,6 +37,7 @@ class EvalSettings:
     top_p: float = 1.0
     eval_max_new_tokens: int | None = None  # --max-new-tokens; None: the model's bench_max_new_tokens (3000 for real models)
     limit: int | None = None
+    answered_only: bool = False  # --answered-only: metrics over the problems a --responses file answers
     workers: int | None = None  # None: min(4, cpu count)
     timeout: int = 5
     seed: int = 0
@@ -62,6 +63,9 @@ def validate(s: EvalSettings) -> None:
     """Each error names its flag."""
     if (s.model is None) == (s.responses is None):
         raise ConfigError("give exactly one of --model (generate) or --responses FILE (grade existing responses)")
+    if s.answered_only and s.responses is None:
+        raise ConfigError("--answered-only leaves out the problems a --responses file does not answer; "
+                          "with --model every problem is answered")
     if s.samples < 1:
         raise ConfigError(f"--samples {s.samples}: must be >= 1")
     if s.temperature < 0:
@@ -72,8 +76,7 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError(f"--top-p {s.top_p}: must be in (0, 1]")
     if s.eval_max_new_tokens is not None and s.eval_max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {s.eval_max_new_tokens}: must be >= 1")
-    if s.limit is not None and s.limit < 1:
-        raise ConfigError(f"--limit {s.limit}: must be >= 1")
+    _check_limit(s)
     if s.workers is not None and s.workers < 0:
         raise ConfigError(f"--workers {s.workers}: must be >= 0 (0: grade in this process)")
     if s.timeout < 1:
@@ -90,6 +93,11 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError("--run-id nests the eval run in MLflow; it cannot go with --no-tracking")
     if s.threads is not None and s.threads < 1:
         raise ConfigError(f"--threads {s.threads}: must be >= 1")
+
+
+def _check_limit(s: EvalSettings) -> None:
+    if s.limit is not None and s.limit < 1:
+        raise ConfigError(f"--limit {s.limit}: must be >= 1")
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -143,14 +151,26 @@ class Protocol:
     extraction: str
     grader: str
     ci: str
+    answered_only: bool | None = None  # None: a model answered every problem
 
     def lines(self) -> list[str]:
         gen = (f"template {self.template}; {self.sampling}; max_new_tokens {self.max_new_tokens}"
                if self.template is not None else "generation settings: those of the responses file")
-        return [f"source: {self.source}; {gen}", f"extraction: {self.extraction}; grader: {self.grader}", f"interval: {self.ci}"]
+        out = [f"source: {self.source}; {gen}", f"extraction: {self.extraction}; grader: {self.grader}", f"interval: {self.ci}"]
+        if self.answered_only is not None:
+            out.append("scoring: " + SCORING[self.answered_only])
+        return out
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+
+SCORING = {
+    False: "over every problem; one without a response is graded wrong, and so is each absent sample of a problem "
+           "with fewer than K responses (--answered-only: the answered problems only)",
+    True: "--answered-only: over the answered problems only, each over the responses it has; problems without a "
+          "response are left out",
+}
 
 
 def make_protocol(s: EvalSettings, grader: str, template: str | None) -> Protocol:
@@ -166,6 +186,7 @@ def make_protocol(s: EvalSettings, grader: str, template: str | None) -> Protoco
         grader=f"{grader}; gold/answer normalised per benchmark",
         ci="95%, Wilson over problems when each problem is all right or all wrong (always so with one sample), "
            "else percentile bootstrap over problems (2000 rounds)",
+        answered_only=s.answered_only if s.responses else None,
     )
 
 
@@ -184,6 +205,7 @@ class EvalResult:
     results: list[BenchResult] = field(default_factory=list)
     run_id: str | None = None
     output: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # each one line, for stderr
 
 
 def _no_progress(description: str, total: int) -> Callable[[int], None]:
@@ -196,9 +218,7 @@ def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalR
     if synthetic_names:
         return _run_synthetic(s, synthetic_names, named, progress)
     benches = bm.resolve(s.benches)
-    if s.data and len(benches) > 1:
-        raise ConfigError("--data FILE replaces one benchmark's problems; give a single --bench with it")
-    problem_sets = {b.name: bm.load(b, s.data) for b in benches}
+    problem_sets = bm.load_all(benches, s.data)
     limited = {name: every[: s.limit] if s.limit else every for name, every in problem_sets.items()}
     given = _match_all(s, benches, problem_sets, limited) if s.responses else {}
     experiment = _experiment(s) if s.tracking else None  # an unknown --run-id fails before any work
@@ -215,12 +235,27 @@ def run_eval(s: EvalSettings, progress: ProgressFactory = _no_progress) -> EvalR
                 kept, texts, missing = given[bench.name]
                 grade_bar = progress(f"grade {bench.name}", sum(len(t) for t in texts))
                 report = grade_responses(kept, texts, verifier, normalize=bench.normalize, progress=grade_bar)
+                result.warnings += bm.coverage_warnings(bench.name, texts, missing, total=len(problem_sets[bench.name]),
+                                                        limit=s.limit, answered_only=s.answered_only)
             else:
                 missing = 0
                 report = model.evaluate(bench, limited[bench.name], verifier, progress)
-            summary = summarize(report, bench.name, missing=missing, seed=s.seed)
+            summary = summarize(report, bench.name, missing=missing, answered_only=s.answered_only, seed=s.seed)
             result.results.append(BenchResult(bench, bm.source(bench, s.data), report, summary))
     return _finish(s, result, experiment)
+
+
+def list_ids(s: EvalSettings) -> list[tuple[str, Problem]]:
+    """(bench, problem) for each problem --bench, --data and --limit select: the ids a --responses file
+    names. Reads the benchmark files and nothing else (no model, no grader)."""
+    synthetic_names, _ = synthetic.split_names(s.benches)
+    if synthetic_names:
+        raise ConfigError(f"--list-ids: {synthetic_names[0]} is a synthetic task, graded from --model only; "
+                          "it has no ids for a --responses file")
+    _check_limit(s)
+    benches = bm.resolve(s.benches)
+    problem_sets = bm.load_all(benches, s.data)
+    return [(b.name, p) for b in benches for p in problem_sets[b.name][: s.limit]]
 
 
 def _finish(s: EvalSettings, result: EvalResult, experiment: str | None) -> EvalResult:
@@ -390,6 +425,8 @@ def log_to_mlflow(s: EvalSettings, result: EvalResult, experiment: str) -> str:
     params = {"eval.benches": ",".join(r.bench.name for r in result.results), "eval.source": p.source,
               "eval.limit": s.limit, "eval.extraction": p.extraction, "eval.grader": p.grader, "eval.timeout": s.timeout,
               "trainer.seed": s.seed}
+    if s.responses:
+        params["eval.answered_only"] = s.answered_only
     if s.model:
         params |= {"model.template": p.template, "eval.samples": s.samples, "rollout.temperature": s.temperature,
                    "rollout.top_p": s.top_p, "rollout.eval_max_new_tokens": s.eval_max_new_tokens,

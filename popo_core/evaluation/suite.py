@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from popo_core import resources
 from popo_core.data.datasets import Problem, load_problems
-from popo_core.errors import DataError, first_line
+from popo_core.errors import ConfigError, DataError, first_line
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,13 @@ def load(bench: Benchmark, data: str | None = None) -> list[Problem]:
     return problems
 
 
+def load_all(benches: list[Benchmark], data: str | None = None) -> dict[str, list[Problem]]:
+    """Each benchmark's problems by name; `--data` replaces a single benchmark's."""
+    if data and len(benches) > 1:
+        raise ConfigError("--data FILE replaces one benchmark's problems; give a single --bench with it")
+    return {b.name: load(b, data) for b in benches}
+
+
 def rows_to_problems(bench: Benchmark, rows: Iterable[dict]) -> list[Problem]:
     problems = []
     for n, row in enumerate(rows):
@@ -204,3 +211,23 @@ def match_responses(
         by_id.setdefault(r.id, []).append(r.text)
     kept = [p for p in problems if p.id in by_id]
     return kept, [by_id[p.id] for p in kept], len(problems) - len(kept)
+
+
+def coverage_warnings(bench: str, texts: list[list[str]], missing: int, *, total: int, limit: int | None,
+                      answered_only: bool) -> list[str]:
+    """What a responses file leaves unanswered among the problems graded (the first `limit` of `total`),
+    and how that is scored (popo_core.evaluation.metrics.summarize): one line each."""
+    asked = min(total, limit) if limit else total
+    of = f"of the first {asked}" if asked < total else f"of {asked}"
+    out = []
+    if missing and answered_only:
+        out.append(f"{bench}: {missing} {of} problems have no response; --answered-only leaves them out "
+                   f"(the metrics are over the {asked - missing} answered)")
+    elif missing:
+        out.append(f"{bench}: {missing} {of} problems have no response; they are graded wrong "
+                   "(--answered-only grades only the answered ones)")
+    most = max((len(t) for t in texts), default=0)
+    short = sum(len(t) < most for t in texts)
+    if short and not answered_only:
+        out.append(f"{bench}: {short} problem(s) have fewer than K = {most} responses; their absent samples are graded wrong")
+    return out

@@ -69,7 +69,8 @@ def test_gold_answers_score_100_and_off_by_one_about_0(evaldir):
         assert (g["n"], g["missing"], g["timeouts"], g["unparsed"]) == (len(_bench_rows(name)), 0, 0, 0), g
         # minerva_math included: each raw gold answer, program text too, is graded equal to itself
         assert g["accuracy"] == 1.0, (name, g)
-        assert o["n"] == numeric[name] and o["timeouts"] == 0
+        # problems whose answer has no number have no line in the off file: missing, so graded wrong
+        assert (o["n"], o["missing"], o["timeouts"]) == (len(_bench_rows(name)), len(_bench_rows(name)) - numeric[name], 0)
         # minerva_math included: its small constants (2.88e-19 vs 3.89e-20) compare to 6 significant
         # digits, not math-verify's 6 decimal places
         assert o["accuracy"] == 0.0, (name, o)
@@ -95,6 +96,11 @@ BAD_INPUT = {
     ("--bench", "all", "--data", "ok.jsonl", "--responses", "ok.jsonl"): "single --bench",
     ("--bench", "aime24", "--data", "nope.jsonl", "--responses", "ok.jsonl"): "file not found",
     ("--bench", "aime24", "--responses", "ok.jsonl", "--run-id", "abc", "--no-tracking"): "--no-tracking",
+    ("--bench", "aime24", "--model", "tiny", "--answered-only"): "--answered-only leaves out",
+    ("--bench", "aime26", "--list-ids"): "unknown benchmark 'aime26'",
+    ("--bench", "arith", "--list-ids"): "synthetic task",
+    ("--bench", "aime24", "--list-ids", "--limit", "0"): "--limit 0",
+    ("--bench", "aime24", "--list-ids", "--data", "nope.jsonl"): "file not found",
 }
 
 
@@ -150,17 +156,19 @@ def test_responses_run_logs_to_mlflow_nested_under_a_training_run(evaldir, monke
             for k in range(2):  # two samples: the first right, the second wrong
                 f.write(json.dumps({"id": r["id"], "response": f"\\boxed{{{int(r['answer']) + k}}}"}) + "\n")
     result = CliRunner().invoke(app, ["eval", "--bench", "aime24", "--responses", "r.jsonl", "--run-id", parent.run_id,
-                                      "--output", "out"])
+                                      "--output", "out", "--answered-only"])
     assert result.exit_code == 0, result.output
     assert "pass@2" in result.stdout and "extraction:" in result.stdout and "grader:" in result.stdout
     (summary,) = json.loads((evaldir / "out" / "summary.json").read_text())
     assert (summary["n"], summary["missing"], summary["samples"]) == (10, 20, 2)
     assert summary["accuracy"] == 0.5 and summary["pass@k"] == {"1": 0.5, "2": 1.0} and summary["maj@2"] == 0.5
+    assert summary["answered_only"] is True
     c = client(uri)
     (child,) = [r for r in c.search_runs([c.get_experiment_by_name("popo").experiment_id]) if r.info.run_id != parent.run_id]
     assert child.data.tags["mlflow.parentRunId"] == parent.run_id
     assert child.data.metrics["aime24/accuracy"] == 0.5 and child.data.metrics["aime24/pass_at_2"] == 1.0
-    assert child.data.metrics["aime24/maj_at_2"] == 0.5
+    assert child.data.metrics["aime24/maj_at_2"] == 0.5 and child.data.metrics["aime24/missing"] == 20
+    assert child.data.params["eval.answered_only"] == "True"
     assert [a.path for a in c.list_artifacts(child.info.run_id)] == ["summary.json"]
 
     # an unknown parent: one line, exit 2, before any grading

@@ -144,11 +144,47 @@ def _report(outcomes: list[list[bool]], extracted: list[list[str | None]] | None
 
 
 def test_summarize_greedy_uses_wilson():
-    s = summarize(_report([[True], [False], [True], [True]]), "b", missing=2)
-    assert (s.n, s.missing, s.samples, s.ci_method) == (4, 2, 1, "wilson")
+    s = summarize(_report([[True], [False], [True], [True]]), "b")
+    assert (s.n, s.missing, s.samples, s.ci_method) == (4, 0, 1, "wilson")
     assert s.accuracy == 0.75 and s.pass_at_k == {1: 0.75} and s.maj_at_k == 0.75
     assert s.accuracy_ci == pytest.approx(wilson_interval(3, 4))
     assert s.to_json()["maj@1"] == 0.75 and s.to_json()["pass@k"] == {"1": 0.75}
+
+
+def test_missing_problems_are_wrong_unless_answered_only():
+    report = _report([[True], [False], [True], [True]])
+    s = summarize(report, "b", missing=2)  # 3 right of 6 problems
+    assert (s.n, s.missing, s.answered_only) == (6, 2, False)
+    assert s.accuracy == 0.5 and s.pass_at_k == {1: 0.5} and s.maj_at_k == 0.5
+    assert s.accuracy_ci == pytest.approx(wilson_interval(3, 6))
+    assert s.graded == 4  # the counts are of responses, not of problems
+    only = summarize(report, "b", missing=2, answered_only=True)  # 3 right of the 4 answered
+    assert (only.n, only.missing, only.accuracy, only.maj_at_k) == (4, 2, 0.75, 0.75)
+    assert only.to_json()["answered_only"] is True and s.to_json()["answered_only"] is False
+    assert s.mlflow_metrics()["b/missing"] == 2
+
+
+def test_absent_samples_are_wrong_and_do_not_vote():
+    """K = 4 (the most of any problem); a problem with fewer has its absent samples graded wrong."""
+    outcomes = [[True] * 4, [True, False], [True], [False, False, True, True]]
+    extracted = [["1"] * 4, ["1", "0"], ["1"], ["0", "0", "1", "1"]]
+    s = summarize(_report(outcomes, extracted), "b", missing=1, seed=0)
+    padded = [row + [False] * (4 - len(row)) for row in outcomes] + [[False] * 4]  # the missing problem
+    assert (s.n, s.samples) == (5, 4)
+    assert s.accuracy == pytest.approx(sum(sum(row) / 4 for row in padded) / 5)
+    for k in (1, 2, 4):
+        assert s.pass_at_k[k] == pytest.approx(sum(brute_force_pass_at_k(row, k) for row in padded) / 5)
+    # majority: 1; one right and one wrong vote tie (1/2); the single vote (1); a tie (1/2); none (0)
+    assert s.maj_at_k == pytest.approx((1 + 0.5 + 1 + 0.5 + 0) / 5)
+    assert s.graded == 11
+    only = summarize(_report(outcomes, extracted), "b", missing=1, answered_only=True)
+    assert (only.n, only.samples) == (4, 1)  # K: the fewest, each problem over the samples it has
+    assert only.accuracy == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
+
+
+def test_nothing_answered_scores_zero():
+    s = summarize(_report([]), "b", missing=3)
+    assert (s.n, s.samples, s.accuracy, s.maj_at_k, s.pass_at_k) == (3, 0, 0.0, 0.0, {})
 
 
 def test_summarize_samples():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from popo_core.errors import ConfigError, ModelLoadError
-from popo_core.evaluation.runner import EvalSettings, make_protocol, resolve_model, validate
+from popo_core.errors import ConfigError, ModelLoadError, UserError
+from popo_core.evaluation.runner import EvalSettings, list_ids, make_protocol, resolve_model, validate
 
 
 def test_model_presets_carry_their_template():
@@ -42,6 +42,7 @@ def test_settings_checks():
     validate(one)
     assert one.greedy
     validate(EvalSettings(["aime24"], responses="r.jsonl", samples=1))
+    validate(EvalSettings(["aime24"], responses="r.jsonl", answered_only=True))
     bad = [
         dict(model="tiny", responses="r.jsonl"),
         dict(model="tiny", samples=0),
@@ -53,6 +54,7 @@ def test_settings_checks():
         dict(model="tiny", workers=-1),
         dict(model="tiny", engine="tgi"),
         dict(model="tiny", run_id="abc", tracking=False),
+        dict(model="tiny", answered_only=True),  # a model answers every problem
     ]
     for kwargs in bad:
         with pytest.raises(ConfigError):
@@ -68,3 +70,22 @@ def test_protocol_lines_name_every_setting():
     assert "greedy" in greedy.sampling
     responses = make_protocol(EvalSettings(["aime24"], responses="r.jsonl"), "g", None)
     assert "responses file" in "\n".join(responses.lines())
+    # how unanswered problems count is part of the protocol, in the notes and in summary.json
+    assert responses.answered_only is False and "without a response is graded wrong" in responses.lines()[-1]
+    only = make_protocol(EvalSettings(["aime24"], responses="r.jsonl", answered_only=True), "g", None)
+    assert only.to_json()["answered_only"] is True and "--answered-only" in only.lines()[-1]
+    assert greedy.answered_only is None and not any(line.startswith("scoring") for line in greedy.lines())
+
+
+def test_list_ids_reads_the_benchmark_only(tmp_path):
+    every = list_ids(EvalSettings(["aime25"]))
+    assert [bench for bench, _ in every] == ["aime25"] * 30 and every[0][1].id == "2025-I-1"
+    assert [p.id for _, p in list_ids(EvalSettings(["aime25", "amc23"], limit=2))] == ["2025-I-1", "2025-I-2", "0", "1"]
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"id": "q7", "problem": "1+1?", "answer": "2"}\n')
+    assert [(b, p.id) for b, p in list_ids(EvalSettings(["aime24"], data=str(data)))] == [("aime24", "q7")]
+    for settings, message in [(EvalSettings(["arith"]), "synthetic task"), (EvalSettings(["aime2"]), "unknown benchmark"),
+                              (EvalSettings(["aime24"], limit=0), "--limit 0"),
+                              (EvalSettings(["all"], data=str(data)), "single --bench")]:
+        with pytest.raises(UserError, match=message):
+            list_ids(settings)

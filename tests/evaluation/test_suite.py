@@ -106,3 +106,17 @@ def test_match_responses():
         bm.match_responses(bench, every, [bm.Response(None, "7", "x")], several=False, all_ids={p.id for p in every}, path="f")
     with pytest.raises(DataError, match="needs a 'bench' key"):
         bm.match_responses(bench, every, [bm.Response(None, "1", "x")], several=True, all_ids={p.id for p in every}, path="f")
+
+
+def test_coverage_warnings():
+    texts = [["a"], ["b"], ["c"]]
+    (line,) = bm.coverage_warnings("aime25", texts, 27, total=30, limit=None, answered_only=False)
+    assert line == "aime25: 27 of 30 problems have no response; they are graded wrong (--answered-only grades only the answered ones)"
+    (line,) = bm.coverage_warnings("aime25", texts, 7, total=30, limit=10, answered_only=True)
+    assert line.startswith("aime25: 7 of the first 10 problems have no response; --answered-only leaves them out")
+    assert "over the 3 answered" in line
+    assert bm.coverage_warnings("aime25", texts, 0, total=3, limit=None, answered_only=False) == []
+    uneven = [["a", "b"], ["c"], ["d", "e"]]
+    assert bm.coverage_warnings("b", uneven, 0, total=3, limit=None, answered_only=False) == [
+        "b: 1 problem(s) have fewer than K = 2 responses; their absent samples are graded wrong"]
+    assert bm.coverage_warnings("b", uneven, 0, total=3, limit=None, answered_only=True) == []
