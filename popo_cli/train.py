@@ -104,12 +104,12 @@ def train(
         if dry_run:
             plan_view.render(cfg, gpu_memory=gpu_memory, world_size=gpus, prompt_tokens=prompt_tokens)
             return
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not no_fit_check:  # does the run fit the stated (or detected) GPU: the config's own verdict first
+            plan_view.preflight(cfg, gpu_memory, world_size=world)
         from popo_core import preflight
 
         preflight.training(cfg)  # output directory, device, tracking store, engine: before anything is built
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if not no_fit_check:
-            plan_view.preflight(cfg, gpu_memory, world_size=world)
         cfg = ensure_warm_start(cfg)  # arith: build (or reuse) the warm-started model
         from popo_core.trainer.lifecycle import TrainingRun
         from popo_core.trainer.loop import train

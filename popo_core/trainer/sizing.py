@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from popo_core.algo.choices import SPECS, method_name, needs_of
 from popo_core.config import Config, ConfigError
 
 GIB = 2**30
@@ -180,8 +181,6 @@ class Plan:
 
 def uses_reference(algo) -> bool:
     """A frozen reference model, when the method's registered needs ask for one (GRPO with kl_beta > 0)."""
-    from popo_core.algo.choices import SPECS, method_name, needs_of
-
     return method_name(algo) in SPECS and needs_of(algo).reference
 
 

@@ -96,16 +96,25 @@ class Batch:
 
 
 # ------------------------------------------------------------------------ the micro-batch driver
+@dataclass(frozen=True)
+class MicroBatch:
+    """A slice of an optimizer step's forwarded completions, as the driver hands it to the method."""
+
+    positions: Tensor  # indices into the step's forwarded rows
+    weight: float  # the gradient's scale; 0: a placeholder, run only to keep the ranks in step
+    lockstep: bool  # every forward must run on every rank (FSDP's collectives), wanted or not
+
+
 def micro_batches(ranks: Ranks, positions: Tensor, size: int):
-    """This rank's micro-batches of `positions` as (positions, weight). Every rank runs as many
-    micro-batches as the busiest one, so the collectives stay in step: a rank whose share ran out
-    runs a placeholder (one row, weight 0). Otherwise the weight is the world size: FSDP averages
-    gradients over ranks, so scaled by their number they sum (x 1 on one process)."""
+    """This rank's micro-batches of `positions`. Every rank runs as many micro-batches as the busiest
+    one, so the collectives stay in step: a rank whose share ran out runs a placeholder (one row,
+    weight 0). Otherwise the weight is the world size: FSDP averages gradients over ranks, so scaled
+    by their number they sum (x 1 on one process)."""
     for pos in ranks.chunks(positions, size):
         if len(pos) == 0:
-            yield positions[:1], 0.0
+            yield MicroBatch(positions[:1], 0.0, ranks.distributed)
         else:
-            yield pos, float(ranks.world)
+            yield MicroBatch(pos, float(ranks.world), ranks.distributed)
 
 
 # ---------------------------------------------------------------------------------- forwards
@@ -127,23 +136,22 @@ def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batc
     dtype = torch.promote_types(next(learner.model.parameters()).dtype, torch.float32)
     lp = torch.zeros(len(batch), width, device=learner.device, dtype=dtype)
     ent = torch.zeros_like(lp) if entropy else None
-    for chunk, weight in micro_batches(learner.ranks, torch.tensor(rows, dtype=torch.long), micro_batch_size):
-        micro = chunk.tolist()
+    for mb in micro_batches(learner.ranks, torch.tensor(rows, dtype=torch.long), micro_batch_size):
+        micro = mb.positions.tolist()
         seqs = _collate(learner, batch, micro)
         with learner.autocast():
             m_lp, m_ent = completion_logprobs_and_entropy(model, seqs, temperature=learner.temperature,
                                                           suppress_ids=learner.suppress)
-        if weight == 0:  # a placeholder: its forward only kept the collectives in step
+        if mb.weight == 0:  # a placeholder: its forward only kept the collectives in step
             continue
         index = torch.tensor(micro, device=learner.device)
         lp[index] = _padded(m_lp.to(dtype), width)
         if ent is not None:
             ent[index] = _padded(m_ent.to(dtype), width)
-    if learner.ranks.distributed:
-        reshard(model)
-        learner.ranks.sum_(lp)
-        if ent is not None:
-            learner.ranks.sum_(ent)
+    reshard(model)  # FSDP: back to shards (nothing on one process)
+    learner.ranks.sum_(lp)  # each rank computed its share
+    if ent is not None:
+        learner.ranks.sum_(ent)
     return lp, ent
 
 
@@ -162,7 +170,7 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
     """Forward and backward of one optimizer step over its forwarded completions, in micro-batches;
     the gradients add up to the whole step's (over every rank). Returns the step's sums over this
     rank's micro-batches (see reduce_sums)."""
-    obj, rows, ranks = learner.objective, inputs.rows, learner.ranks
+    obj, rows = learner.objective, inputs.rows
     rewards, gids, lengths = batch.rewards[rows], batch.group_ids[rows], batch.lengths[rows]
     seq_log_ratio = None
     if obj.needs.seq_log_ratio and inputs.old is not None:
@@ -179,39 +187,51 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
     # token-weighted loss metrics; the sampler divergence when this forward is pi_old's.
     sums = {"loss/policy": 0.0, "tokens": 0.0, "penalty": 0.0, "mismatch": 0.0, "kl": 0.0, "sampled_tokens": 0.0,
             "nonfinite": 0.0}
-    for pos, weight in micro_batches(ranks, positions, micro_batch_size):
-        micro = rows[pos].tolist()
-        pen_rows = penalised[pos]
-        live = bool(pen_rows.any()) and weight > 0  # penalised rows here count; else a zero-weight momentum
-        # forward still runs under FSDP, where every rank must join the momentum network's collectives
-        with_penalty = penalty is not None and (bool(pen_rows.any()) or ranks.distributed)
-        total, loss, p_value, m, mask, old, mu = micro_batch_loss(
-            learner, batch, inputs, step.take(pos), micro, correction=correction, cap=cap,
+    for mb in micro_batches(learner.ranks, positions, micro_batch_size):
+        micro = rows[mb.positions].tolist()
+        pen_rows = penalised[mb.positions]
+        live = bool(pen_rows.any()) and mb.weight > 0  # penalised rows here count; else a zero-weight
+        # momentum forward still runs in lockstep, where every rank joins the momentum network's collectives
+        with_penalty = penalty is not None and (bool(pen_rows.any()) or mb.lockstep)
+        out = micro_batch_loss(
+            learner, batch, inputs, step.take(mb.positions), micro, correction=correction, cap=cap,
             penalty=penalty if with_penalty else None, pen_rows=pen_rows if live else torch.ones_like(pen_rows),
             n_penalised=max(n_penalised, 1), penalty_weight=obj.penalty_weight if live else 0.0,
             reads_hidden=reads_hidden)
-        if weight > 0:
-            n_tok = float(mask.sum())
-            sums["loss/policy"] += float(loss.detach())
-            sums["penalty"] += p_value if live else 0.0
+        if mb.weight > 0:
+            n_tok = float(out.mask.sum())
+            sums["loss/policy"] += float(out.policy.detach())
+            sums["penalty"] += out.penalty if live else 0.0
             sums["tokens"] += n_tok
-            for key, value in m.items():  # clip/fraction, ratio/mean, ...: token means, weighted
+            for key, value in out.metrics.items():  # clip/fraction, ratio/mean, ...: token means, weighted
                 sums[TOKEN_MEAN + key] = sums.get(TOKEN_MEAN + key, 0.0) + value * n_tok
-            if inputs.old is None and mu is not None:
-                for k, v in rollout_divergence(old, mu, mask).items():
+            if inputs.old is None and out.sampler is not None:
+                for k, v in rollout_divergence(out.old, out.sampler, out.mask).items():
                     sums[k] += v
-            sums["nonfinite"] += float(not bool(torch.isfinite(total.detach())))
-        if total.requires_grad:
-            (total * weight).backward()
+            sums["nonfinite"] += float(not bool(torch.isfinite(out.total.detach())))
+        if out.total.requires_grad:
+            (out.total * mb.weight).backward()
     return sums
+
+
+@dataclass
+class MicroLoss:
+    """One micro-batch's loss and what the step's metrics need from it."""
+
+    total: Tensor  # policy loss + penalty_weight * penalty: what is backpropagated
+    policy: Tensor  # the method's policy loss alone
+    penalty: float  # the penalty's value (0.0 without one)
+    metrics: dict[str, float]  # the loss's own metrics (clip/fraction, ratio/mean, ...), token means
+    mask: Tensor  # [n, W] completion tokens
+    old: Tensor  # [n, W] pi_old log-probs
+    sampler: Tensor | None  # [n, W] the sampler's own log-probs (mu), when it reported them
 
 
 def micro_batch_loss(learner: Learner, batch: Batch, inputs: StepInputs, quantities, micro: list[int], *,
                      correction: str, cap: float, penalty, pen_rows: Tensor, n_penalised: int, penalty_weight: float,
-                     reads_hidden: bool):
+                     reads_hidden: bool) -> MicroLoss:
     """One micro-batch's loss: the method's policy loss with the step's quantities, plus the weighted
-    siamese penalty over its penalised rows (METHOD.md sections 1 and 3). Returns (total, policy
-    loss, penalty value, the loss's metrics, mask, pi_old log-probs, the sampler's log-probs)."""
+    siamese penalty over its penalised rows (METHOD.md sections 1 and 3)."""
     obj = learner.objective
     seqs = _collate(learner, batch, micro)
     with learner.autocast():
@@ -233,7 +253,7 @@ def micro_batch_loss(learner: Learner, batch: Batch, inputs: StepInputs, quantit
             p_loss, _ = _penalty(learner, batch, micro, seqs, lp, h, pen_rows, n_penalised, penalty)
         total = total + penalty_weight * p_loss
         p_value = float(p_loss.detach())
-    return total, loss, p_value, m, mask, old, mu
+    return MicroLoss(total, loss, p_value, m, mask, old, mu)
 
 
 TOKEN_MEAN = "token_mean:"  # a loss metric's token-weighted sum over the step's micro-batches
@@ -286,8 +306,7 @@ def _penalty(learner: Learner, batch: Batch, micro: list[int], seqs, lp, h, pen_
             mom_lp, mom_h = completion_forward(momentum, mom_seqs, temperature=learner.temperature,
                                                suppress_ids=learner.suppress, logprobs=not reads_hidden,
                                                hidden=reads_hidden)
-            if learner.ranks.distributed:
-                reshard(momentum)
+            reshard(momentum)  # FSDP: back to shards (nothing on one process)
     width = mom_seqs.mask.shape[1]
     mask = seqs.mask[pen_rows][:, :width]
     if reads_hidden:
