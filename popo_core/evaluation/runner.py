@@ -93,6 +93,14 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError("--run-id nests the eval run in MLflow; it cannot go with --no-tracking")
     if s.threads is not None and s.threads < 1:
         raise ConfigError(f"--threads {s.threads}: must be >= 1")
+    from popo_core import preflight  # what the machine must offer, before any problem is read
+
+    if s.output:
+        preflight.output_dir(s.output, key="--output")
+    if s.model is not None:
+        preflight.device(s.device, key="--device")
+    if s.tracking:
+        preflight.tracking(s.tracking_uri, key="--tracking-uri")
 
 
 def _check_limit(s: EvalSettings) -> None:

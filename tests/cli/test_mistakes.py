@@ -39,6 +39,12 @@ MISTAKES = [
     pytest.param(["ablate", "tiny", "--drop", "siamese", "--seeds", "1", "tracking.uri=http://127.0.0.1:1"],
                  ["not reachable"], id="ablate-tracking-unreachable"),
     pytest.param(["eval", "--bench", "aime25", "--responses", "answers[v2].jsonl"], ["answers[v2].jsonl"], id="eval-path-brackets"),
+    pytest.param(["eval", "--bench", "aime25", "--model", "tiny", "--output", "afile"], ["--output=afile", "not a directory"],
+                 id="eval-output-is-a-file"),
+    pytest.param(["eval", "--bench", "aime25", "--model", "tiny", "--device", "cuda"], ["--device=cuda", "no CUDA device"],
+                 marks=NO_CUDA, id="eval-no-cuda"),
+    pytest.param(["eval", "--bench", "aime25", "--model", "tiny", "--tracking-uri", "http://127.0.0.1:1"],
+                 ["--tracking-uri=http://127.0.0.1:1", "not reachable"], id="eval-tracking-unreachable"),
 ]
 
 
