@@ -16,7 +16,7 @@ import torch
 from popo_core.algo import losses
 from popo_core.algo.losses import METHODS, policy_loss, rollout_divergence, rollout_weights, step_quantities
 from popo_core.config import compose, methods
-from test_losses import F64, SEEDS, close, differs, loss_and_grad, make_batch, masked_positions, partition_rows
+from helpers import F64, SEEDS, close, differs, loss_and_grad, make_batch, masked_positions, partition_rows
 
 FAMILY = ["dr_grpo", "rft", "raft_pp", "psr", "nsr", "w_reinforce"]
 AGGREGATIONS = ["seq_mean_token_mean", "token_mean"]

@@ -9,98 +9,16 @@ are modelled by explicit Python branches that replace the token's ratio by a con
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from popo_core.algo.losses import StepQuantities, grpo_loss, grpo_step, group_advantages, popo_loss, popo_step
+from helpers import F64, SEEDS, LossBatch, close, differs, groups_of, loss_and_grad, make_batch, masked_positions, partition_rows
 
-F64 = torch.float64
-SEEDS = [0, 1, 2, 3]
-# Garbage that padding may hold: log-probs of pad tokens, huge values, values whose exp overflows.
-GARBAGE = (1e30, -1e30, 3e4, -3e4, 88.0, -700.0, float("inf"), -float("inf"), float("nan"))
 REDISTRIBUTIONS = ["uniform", "self_normalized", "none"]
 AGGREGATIONS = ["seq_mean_token_mean", "token_mean"]
 EPSILONS = [0.2, float("inf")]
-
-
-# --------------------------------------------------------------------------------------------
-# Random batches
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    lp: torch.Tensor  # [N, T] log pi_theta (garbage where mask == 0)
-    old: torch.Tensor  # [N, T] log pi_old
-    ref: torch.Tensor  # [N, T] log pi_ref
-    mask: torch.Tensor  # [N, T] bool
-    rewards: torch.Tensor  # [N] float64 in {0, 1}
-    gids: torch.Tensor  # [N] int64, arbitrary ids, rows of a group not contiguous
-
-    def rows(self, idx: list[int]) -> "Batch":
-        i = torch.tensor(idx, dtype=torch.long)
-        return Batch(self.lp[i], self.old[i], self.ref[i], self.mask[i], self.rewards[i], self.gids[i])
-
-
-def make_batch(seed: int, *, min_size: int = 1, spread: float = 0.35) -> Batch:
-    """Random groups: one all-negative, one mixed, one all-positive, the rest random.
-
-    Group ids are arbitrary integers and rows are shuffled; lengths vary from 1 to T; padding holds
-    garbage (huge numbers, values whose exp overflows) in every log-prob tensor.
-    """
-    rnd = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    n_groups = rnd.randint(4, 6)
-    ids = rnd.sample(range(1000), n_groups)
-    rewards: list[int] = []
-    groups: list[int] = []
-    for g in range(n_groups):
-        size = rnd.randint(max(2, min_size), 6) if g == 1 else rnd.randint(min_size, 6)
-        if g == 0:
-            r = [0] * size
-        elif g == 1:
-            r = [1, 0] + [rnd.randint(0, 1) for _ in range(size - 2)]
-        elif g == 2:
-            r = [1] * size
-        else:
-            r = [rnd.randint(0, 1) for _ in range(size)]
-        rewards += r
-        groups += [ids[g]] * size
-    perm = rnd.sample(range(len(rewards)), len(rewards))
-    n = len(rewards)
-    t_max = rnd.randint(5, 9)
-    lengths = torch.tensor([rnd.randint(1, t_max) for _ in range(n)])
-    mask = torch.arange(t_max)[None, :] < lengths[:, None]
-    lp = -(torch.rand(n, t_max, generator=gen, dtype=F64) * 2.5 + 0.01)
-    old = lp + spread * torch.randn(n, t_max, generator=gen, dtype=F64)
-    ref = lp + 0.3 * torch.randn(n, t_max, generator=gen, dtype=F64)
-
-    def garble(x: torch.Tensor) -> torch.Tensor:
-        pick = torch.randint(len(GARBAGE), (n, t_max), generator=gen)
-        return torch.where(mask, x, torch.tensor(GARBAGE, dtype=F64)[pick])
-
-    return Batch(
-        lp=garble(lp),
-        old=garble(old),
-        ref=garble(ref),
-        mask=mask,
-        rewards=torch.tensor([float(rewards[p]) for p in perm], dtype=F64),
-        gids=torch.tensor([groups[p] for p in perm], dtype=torch.long),
-    )
-
-
-def groups_of(gids: torch.Tensor) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for i, g in enumerate(gids.tolist()):
-        out.setdefault(g, []).append(i)
-    return out
-
-
-def masked_positions(mask: torch.Tensor, i: int) -> list[int]:
-    return [t for t in range(mask.shape[1]) if bool(mask[i, t])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,38 +153,14 @@ def ref_grpo(
 # --------------------------------------------------------------------------------------------
 
 
-def loss_and_grad(fn, lp: torch.Tensor):
-    x = lp.clone().requires_grad_(True)
-    out = fn(x)
-    loss = out[0] if isinstance(out, tuple) else out
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad
-
-
-def popo_kwargs(b: Batch, eps, redistribution, aggregation, **kw):
+def popo_kwargs(b: LossBatch, eps, redistribution, aggregation, **kw):
     return dict(clip_eps=eps, redistribution=redistribution, aggregation=aggregation, **kw)
 
 
-def seq_log_ratio(b: Batch) -> torch.Tensor:
+def seq_log_ratio(b: LossBatch) -> torch.Tensor:
     """mean_t (log pi - log pi_old) per row: what the trainer computes before a step."""
     diff = torch.where(b.mask, b.lp - b.old, torch.zeros_like(b.lp))
     return diff.sum(-1) / b.mask.sum(-1)
-
-
-def partition_rows(b: Batch, seed: int, n_parts: int) -> list[list[int]]:
-    """Split the rows into micro-batches at random: groups are split across micro-batches."""
-    rnd = random.Random(1000 + seed)
-    rows = list(range(b.lp.shape[0]))
-    rnd.shuffle(rows)
-    return [rows[k::n_parts] for k in range(n_parts)]
-
-
-def close(a, b, rtol=1e-9, atol=1e-12):
-    return torch.allclose(torch.as_tensor(a, dtype=F64), torch.as_tensor(b, dtype=F64), rtol=rtol, atol=atol)
-
-
-def differs(a, b):
-    return not close(a, b, rtol=1e-6, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
