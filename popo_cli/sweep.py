@@ -17,7 +17,8 @@ def sweep(
     knob: str = typer.Argument(..., help="What to sweep: momentum, clip, penalty or all (the joint space).",
                                show_default=False),
     preset: Optional[str] = typer.Argument(None, help="Preset; default tiny.", show_default=False),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides fixing the rest of every trial's config.",
+    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides fixing the rest of every trial's config; "
+                                                    "every command on one study must give the same.",
                                                     show_default=False),
     trials: int = typer.Option(20, "--trials", "-n", help="Finished (complete or pruned) trials the study should "
                                "hold, all workers together; rerunning continues up to it."),

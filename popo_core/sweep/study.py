@@ -21,6 +21,8 @@ from typing import Any
 
 from popo_core.config import Config, compose, validate
 from popo_core.errors import ConfigError, first_line
+from popo_core.store_lock import init_lock
+from popo_core.sweep import compat
 from popo_core.sweep.space import Param, SweepError, load_space, set_key
 from popo_core.sweep.storage import DEFAULT_STORAGE, open_storage
 
@@ -159,32 +161,45 @@ class Sweep:
         # The first quarter of a run is too early to judge it; the first 5 trials are never pruned.
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, self.base.trainer.max_steps // 4))
                   if s.pruner == "median" else optuna.pruners.NopPruner())
-        try:
-            study = optuna.create_study(study_name=self.name, storage=self.storage, direction=s.direction,
-                                        pruner=pruner, load_if_exists=True)
-        except Exception as err:
-            raise SweepError(f"study {self.name!r}: {first_line(err)}") from None
-        if study.direction.name.lower() != s.direction:
-            raise SweepError(f"study {self.name!r} was created to {study.direction.name.lower()}; "
-                             "pass --study NAME to start another")
+        mine = compat.record(s.knob, s.preset, s.overrides, s.metric, s.direction, self.space, self.base)
+        # One command at a time opens, checks and records, so two first commands cannot both record theirs.
+        with init_lock(s.storage):
+            try:
+                study = optuna.create_study(study_name=self.name, storage=self.storage, direction=s.direction,
+                                            pruner=pruner, load_if_exists=True)
+            except Exception as err:
+                raise SweepError(f"study {self.name!r}: {first_line(err)}") from None
+            self._check(study, mine)
         # A seeded sampler restarted on a partly done study would replay its first draws: offset the
         # seed by the trials the study holds, so a restart continues with new points.
         seed = None if s.seed is None else s.seed + len(study.get_trials(deepcopy=False))
         study.sampler = _sampler(s.sampler, self.space, seed)
-        mine = {"popo.knob": s.knob, "popo.preset": s.preset, "popo.metric": s.metric}
-        held = study.user_attrs
-        for key, value in mine.items():
-            if key in held and held[key] != value:
-                raise SweepError(f"study {self.name!r} has {key[5:]}={held[key]}, not {value}; "
-                                 "pass --study NAME to start another")
-        overrides = " ".join(s.overrides)
-        if "popo.overrides" in held and held["popo.overrides"] != overrides:
-            self.notes.append(f"study {self.name!r} was started with overrides [{held['popo.overrides']}]; "
-                              f"this worker's trials use [{overrides}]")
-        for key, value in {**mine, "popo.overrides": overrides}.items():
-            if key not in held:
-                study.set_user_attr(key, value)
         return study
+
+    def _check(self, study, mine: dict[str, Any]) -> None:
+        """Refuse a command whose trials would not be comparable with the study's (another budget,
+        override, preset, metric, direction or search space), before anything is written; record
+        what the study lacks (a new one, or one started before popo recorded all of it)."""
+        attrs = study.user_attrs
+        held = {**attrs, "popo.direction": study.direction.name.lower()}  # Optuna keeps the direction itself
+        note = None
+        if "popo.config" not in attrs and (attrs or study.get_trials(deepcopy=False)):  # started by an older popo
+            config = compat.legacy_config(attrs, self.space)
+            if config is None:
+                note = (f"study {self.name} holds no record of its trials' config: this command's is recorded, "
+                        "and later commands must match it (trials run before may differ)")
+            else:
+                held["popo.config"] = config
+                note = (f"study {self.name} predates popo's record of a study's config: checked against its first "
+                        f"command's overrides [{attrs['popo.overrides']}] and recorded (trials run before may differ)")
+        refusal = compat.mismatch(self.name, held, mine)
+        if refusal:
+            raise SweepError(refusal)
+        if note:
+            self.notes.append(note)
+        for key, value in mine.items():
+            if key not in attrs:
+                study.set_user_attr(key, value)
 
     # ---------------------------------------------------------------------------------- the loop
     def run(self, reporter: Reporter | None = None) -> SweepResult:
@@ -356,7 +371,7 @@ class Sweep:
         if not t.enabled:
             return None
         from popo_core.sweep.mlflow_layout import StudyRuns
-        from popo_core.tracking import redact
+        from popo_core.tracking import redact, update_run
 
         runs = StudyRuns(t.uri, t.experiment, self.name)
         s = self.s
@@ -365,6 +380,8 @@ class Sweep:
                   "sweep.pruner": s.pruner, "sweep.metric": s.metric, "sweep.direction": s.direction,
                   "sweep.overrides": " ".join(s.overrides), "sweep.space": "; ".join(p.describe() for p in self.space)}
         runs.open_parent(tags, params)
+        # Params are immutable and hold the first command's --trials; a rerun may extend the study.
+        update_run(t.uri, runs.parent.run_id, tags={"sweep.target": self.target})
         return runs
 
     def _finish(self, elapsed: float) -> SweepResult:
@@ -374,7 +391,8 @@ class Sweep:
         table = rows(trials)
         best = self._best_trial()
         best_row = next((r for r in table if best is not None and r.number == best.number), None)
-        plots, notes = sweep_plots(self.study, self.root / "plots", [p.name for p in self.space], self.s.metric)
+        plots, notes = sweep_plots(self.study, self.root / "plots", [p.name for p in self.space], self.s.metric,
+                                   preset=self.s.preset, max_steps=self.base.trainer.max_steps)
         if self.runs:
             self.runs.log_best(best, self._finished())
             self.runs.end_orphans(trials)
@@ -436,6 +454,10 @@ class _TrialHooks:
     def on_eval(self, step: int, accuracy: float) -> None:
         if self.inner:
             self.inner.on_eval(step, accuracy)
+
+    def on_resume(self, step: int, redone: range, last: dict[str, float]) -> None:
+        if self.inner and hasattr(self.inner, "on_resume"):
+            self.inner.on_resume(step, redone, last)
 
     def close(self) -> None:
         if self.inner is not None and hasattr(self.inner, "close"):

@@ -157,6 +157,34 @@ def test_momentum_sweep_on_tiny(workdir):
 
 
 @pytest.mark.slow
+def test_a_rerun_may_extend_the_study_but_not_change_its_budget(workdir):
+    """The issue's case: a study rerun with another trainer.max_steps would put trials of two budgets
+    side by side. Refused (no trial, no MLflow run); the same command with a higher --trials continues."""
+    budget = ["trainer.eval_every=1", "rollout.prompts_per_step=6", "rollout.group_size=4"]
+    first = run_popo("sweep", "momentum", "tiny", "--trials", "1", "trainer.max_steps=1", *budget, cwd=workdir)
+    assert first.returncode == 0, first.stderr + first.stdout
+    _, parents, nested = mlflow_runs(workdir)
+    assert len(parents) == 1 and len(nested) == 1 and parents[0].data.tags["sweep.target"] == "1"
+
+    other = run_popo("sweep", "momentum", "tiny", "--trials", "2", "trainer.max_steps=2", *budget, cwd=workdir)
+    assert_one_line_error(other, "study momentum-tiny was run with trainer.max_steps=1; "
+                                 "this command has trainer.max_steps=2: rerun with the same overrides")
+    assert states(load_study(workdir, "momentum-tiny")) == {"COMPLETE": 1}
+    _, parents_after, nested_after = mlflow_runs(workdir)
+    assert {r.info.run_id for r in parents_after + nested_after} == {r.info.run_id for r in parents + nested}
+
+    more = run_popo("sweep", "momentum", "tiny", "--trials", "2", "trainer.max_steps=1", *budget, cwd=workdir)
+    assert more.returncode == 0, more.stderr + more.stdout
+    assert "this worker ran 1 trial(s)" in more.stdout
+    study = load_study(workdir, "momentum-tiny")
+    assert states(study) == {"COMPLETE": 2}
+    assert all(sorted(t.intermediate_values) == [0, 1] for t in study.get_trials())  # one budget
+    _, (parent,), nested = mlflow_runs(workdir)
+    assert len(nested) == 2
+    assert parent.data.tags["sweep.target"] == "2" and parent.data.params["sweep.trials"] == "1"  # params stay
+
+
+@pytest.mark.slow
 def test_pruned_trial_ends_cleanly(workdir):
     import optuna
 
