@@ -1,6 +1,7 @@
 """Helpers shared by several test files (a test file never imports another)."""
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -154,3 +155,25 @@ def close(a, b, rtol=1e-9, atol=1e-12):
 
 def differs(a, b):
     return not close(a, b, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------- the tiny policy
+@functools.lru_cache(maxsize=8)
+def tiny_config(*overrides: str):
+    """The tiny preset, composed once per set of overrides (a Hydra compose takes tenths of a second)."""
+    from popo_core.config import compose
+
+    return compose("tiny", list(overrides))
+
+
+def tiny_model(seed: int = 0, *overrides: str):
+    """(model, tokenizer): the tiny preset's random-init policy on CPU in float32, as the trainer loads it."""
+    from popo_core.model.loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(tiny_config(*overrides).model, device=torch.device("cpu"), seed=seed,
+                                    dtype=torch.float32)
+
+
+def token_ids(seed: int = 0, rows: int = 3, length: int = 7, vocab: int = 20) -> torch.Tensor:
+    """A seeded [rows, length] batch of token ids the tiny tokenizer has (its first `vocab`)."""
+    return torch.randint(1, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
