@@ -335,6 +335,7 @@ def validate(cfg: Config) -> None:
     _check(o.max_grad_norm > 0.0, "optim.max_grad_norm", o.max_grad_norm, "must be > 0")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
+    _check(t.save_every >= 1, "trainer.save_every", t.save_every, "must be >= 1 (the last step is always saved)")
     _check(t.diagnostics_every >= 0, "trainer.diagnostics_every", t.diagnostics_every, "must be >= 0 (0: never)")
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _check(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "must be >= 1")

@@ -108,7 +108,7 @@ def test_math_task_needs_an_existing_file(tmp_path):
 
 def test_group_size_is_checked_by_the_method_not_here():
     # Method-specific checks need the registry (popo_core.algo.objective.build_objective, tested in
-    # test_train.py); composing stays torch-free.
+    # tests/algo/test_objective.py); composing stays torch-free.
     assert compose("tiny", ["algo=grpo", "rollout.group_size=1"]).rollout.group_size == 1
 
 

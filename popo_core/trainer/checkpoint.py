@@ -50,6 +50,7 @@ def save(
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a kill during the last save's clean-up can leave one
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)

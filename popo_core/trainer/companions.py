@@ -62,8 +62,9 @@ class FullCopy:
         self.module.load_state_dict(state)
 
     def held(self) -> int:
-        """Elements of the tensors this companion adds to memory."""
-        return sum(t.numel() for t in self.module.state_dict().values())
+        """Elements of the tensors this companion adds to memory (tied weights counted once)."""
+        unique = {t.data_ptr(): t.numel() for t in self.module.state_dict().values()}
+        return sum(unique.values())
 
 
 class MomentumAdapter:

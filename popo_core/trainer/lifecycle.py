@@ -94,7 +94,7 @@ class TrainingRun:
             self.redone = range(step + 1, min(self._last_logged_step(), t.max_steps) + 1)
             return True
         # A run killed before its first checkpoint leaves only these: start it afresh.
-        if out.exists() and {p.name for p in out.iterdir()} - {"config.yaml", "metrics.jsonl"}:
+        if out.exists() and {p.name for p in out.iterdir()} - {"config.yaml", "metrics.jsonl", f"{checkpoint.CHECKPOINT}.tmp"}:
             raise ConfigError(f"trainer.output_dir={out}: not empty and holds no checkpoint; pick another dir")
         return False
 
@@ -226,7 +226,8 @@ class TrainingRun:
                     merged=self.cfg.trainer.save_merged)
         result = TrainResult(str(out), self._mlflow.run_id, self.state["step"], evals[-1] if evals else None, metrics, history)
         (out / "result.json").write_text(json.dumps(asdict(result), indent=1))
-        png = training_curves(history, out / "curves.png", title=f"{self.cfg.preset} / {self.cfg.algo.name}")
+        png = training_curves(history, out / "curves.png", title=f"{self.cfg.preset} / {self.cfg.algo.name}",
+                              max_steps=self.cfg.trainer.max_steps)
         self._mlflow.log_artifact(png)
         self._mlflow.log_artifact(out / "metrics.jsonl")
         if result.final_accuracy is not None:

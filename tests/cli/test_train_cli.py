@@ -23,6 +23,7 @@ from conftest import assert_one_line_error, run_popo, tiny_overrides
         (["tiny", "algo=ppo"], ["algo", "ppo"]),
         (["tiny", "algo=grpo", "rollout.group_size=1"], ["rollout.group_size=1"]),
         (["tiny", "algo=psr", "algo.use_negatives=true"], ["algo.use_negatives"]),
+        (["tiny", "trainer.save_every=0"], ["trainer.save_every=0", "must be >= 1"]),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, args, fragments):

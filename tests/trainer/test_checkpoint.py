@@ -184,8 +184,6 @@ def test_killed_before_the_old_one_is_removed_the_new_one_wins(tmp_path):
     assert restore(tmp_path, parts(seed=1))["step"] == 2
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="checkpoint.save renames checkpoint/ onto a leftover non-empty "
-                   "checkpoint.old/ (ENOTEMPTY): every later save of the resumed run fails; reported, not fixed here")
 def test_killed_before_the_old_one_is_removed_the_next_save_succeeds(tmp_path):
     p = parts()
     killed_before_the_old_one_is_removed(tmp_path, p)

@@ -82,6 +82,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
     assert "stale" not in (tmp_path / "run" / "config.yaml").read_text()
 
 
+def test_a_run_killed_while_writing_its_first_checkpoint_starts_afresh(tmp_path):
+    """A half-written checkpoint.tmp/ is no checkpoint and no foreign content: the run starts at 1."""
+    (tmp_path / "run" / "checkpoint.tmp" / "policy").mkdir(parents=True)
+    write_metrics(tmp_path / "run", [0, 1, 2])
+    run = TrainingRun(config(tmp_path))
+    assert not run.resuming and run.steps().start == 1
+
+
 def test_a_directory_holding_a_run_needs_resume(tmp_path):
     cfg = config(tmp_path, resume=False)
     write_checkpoint(tmp_path / "run", cfg, 2)
