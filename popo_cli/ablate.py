@@ -88,8 +88,9 @@ def render(result) -> None:
         table.add_row(s.label, s.changes, _pm(s.accuracy), _pm(s.delta_accuracy, True), _pm(s.reward),
                       _pm(s.delta_reward, True))
     console.print(table)
-    console.print("[dim]final eval/accuracy (greedy, on the preset's evaluation set) and last-step training reward/mean: mean ± sample std over "
-                  "seeds; Δ: variant − full POPO on the same seed, mean ± std of the per-seed differences[/]")
+    spread = ("mean ± sample std over seeds; Δ: variant − full POPO on the same seed, mean ± std of the per-seed "
+              "differences") if a.seeds > 1 else "one seed, so no spread; Δ: variant − full POPO on seed 0"
+    console.print(f"[dim]final eval/accuracy (greedy, on the preset's evaluation set) and last-step training reward/mean: {spread}[/]")
     reused = len(result.outcomes) - result.trained
     if result.trained == 0:
         console.print(f"nothing to train: all {reused} runs were already finished and are reused")
