@@ -133,6 +133,12 @@ class Sweep:
         if not self.name or not set(self.name) <= _NAME_OK:
             raise SweepError(f"--study {self.name!r}: use letters, digits, '.', '_' and '-'")
         self.root = Path(self.base.trainer.output_dir or Path("sweeps") / self.name)
+        from popo_core import preflight  # before the study or any MLflow run exists
+
+        preflight.output_dir(self.root)
+        preflight.device(self.base.trainer.device)
+        if self.base.tracking.enabled:
+            preflight.tracking(self.base.tracking.uri)
         self.notes: list[str] = []
         a = self.base.algo
         if any(p.name == "algo.clip_eps" for p in self.space) and a.epochs * a.mini_batches == 1:
