@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     base_sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.base], check=True,
                               capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
