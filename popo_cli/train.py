@@ -128,14 +128,14 @@ def train(
         except TrainingAborted as err:
             fail(str(err), code=1)
         except KeyboardInterrupt:
-            if bar is not None:
-                bar.close()
-            if main:
-                err_console.print(f"[yellow]{escape(interrupted_note(cfg, training_run))}[/]", soft_wrap=True)
-            raise typer.Exit(130)
+            result = None
         finally:
             if bar is not None:
                 bar.close()
+        if result is None:  # Ctrl-C: say where the run stopped (the bar is gone) and how to go on
+            if main:
+                err_console.print(f"[yellow]{escape(interrupted_note(cfg, training_run))}[/]", soft_wrap=True)
+            raise typer.Exit(130)
         if not main:
             return
     if result.resumed_complete:

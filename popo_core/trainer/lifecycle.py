@@ -68,8 +68,8 @@ class TrainingRun:
         # One name for every rank (the default one holds the time).
         self.output_dir = Path(self.ranks.broadcast(cfg.trainer.output_dir or str(default_output_dir(cfg))))
         self.redone = range(0)  # steps logged after the checkpoint a resume starts from
+        self.saved_step = 0  # the step of the last checkpoint on disk
         self.resuming = self._check_output_dir()
-        self.saved_step = checkpoint.load_state(self.output_dir)["step"] if self.resuming else 0
         self.ranks.barrier()  # every rank has looked before rank 0 writes anything
         self.state: dict[str, Any] = {"step": 0, "run_id": None, "history": [], "counters": {}}
         self._mlflow = None
@@ -81,17 +81,18 @@ class TrainingRun:
         if checkpoint.exists(out):
             if not t.resume:
                 raise ConfigError(f"trainer.output_dir={out}: holds a run; resume it (trainer.resume=true) or pick another dir")
-            saved = checkpoint.load_state(out)["config"]
+            held = checkpoint.load_state(out)
+            saved, step = held["config"], held["step"]
             current = to_flat_dict(self.cfg)
             diff = [k for k in current if not k.startswith("tracking.") and k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
             if diff:
                 k = diff[0]
                 raise ConfigError(f"trainer.output_dir={out}: holds a run with {k}={saved.get(k)}, not {current[k]}; pick another dir")
-            step = checkpoint.load_state(out)["step"]
             if step > t.max_steps:
                 raise ConfigError(f"trainer.max_steps={t.max_steps}: trainer.output_dir={out} holds a run already at step "
                                   f"{step}; give trainer.max_steps>={step} to resume it, or pick another dir")
             self.redone = range(step + 1, min(self._last_logged_step(), t.max_steps) + 1)
+            self.saved_step = step
             return True
         # A run killed before its first checkpoint leaves only these: start it afresh.
         if out.exists() and {p.name for p in out.iterdir()} - {"config.yaml", "metrics.jsonl", f"{checkpoint.CHECKPOINT}.tmp"}:
