@@ -153,10 +153,14 @@ class TrainerConfig:
     max_steps: int = 300
     seed: int = 0
     eval_every: int = 50
+    eval_samples: Optional[int] = None  # held-out samples per prompt at each evaluation (eval/pass_at_1); None/0: greedy only
     diagnostics_every: int = 25
     output_dir: Optional[str] = None  # None: runs/<preset>-<algo>-seed<seed>-<time>
     save_every: int = 100
-    micro_batch_size: int = 256  # completions per forward/backward (a group may span several: the step's quantities are computed over the whole step)
+    micro_batch_size: Optional[int] = None  # completions per forward/backward (null: 256 unless max_tokens_per_micro_batch is set; a group may span several: the step's quantities are computed over the whole step)
+    max_tokens_per_micro_batch: Optional[int] = None  # instead: tokens (prompt + completion) per forward/backward, padding counted when padded
+    packing: Optional[bool] = None  # sequences packed into rows, no padding: null packs where it wins, false pads (popo_core/trainer/packing.py)
+    max_tokens_per_row: Optional[int] = None  # packed rows under sdpa/eager (null: the micro-batch's longest sequence)
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_nonfinite: int = 5  # consecutive non-finite losses before the run aborts
@@ -335,9 +339,11 @@ def validate(cfg: Config) -> None:
     _check(o.max_grad_norm > 0.0, "optim.max_grad_norm", o.max_grad_norm, "must be > 0")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
+    _check(t.eval_samples is None or t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples,
+           "must be >= 0 (0 or null: greedy accuracy only)")
     _check(t.save_every >= 1, "trainer.save_every", t.save_every, "must be >= 1 (the last step is always saved)")
     _check(t.diagnostics_every >= 0, "trainer.diagnostics_every", t.diagnostics_every, "must be >= 0 (0: never)")
-    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _validate_micro_batches(cfg)
     _check(t.threads is None or t.threads >= 1, "trainer.threads", t.threads, "must be >= 1")
     _check(t.max_nonfinite >= 1, "trainer.max_nonfinite", t.max_nonfinite, "must be >= 1")
     flush = cfg.tracking.flush_every_s
@@ -362,6 +368,33 @@ def validate(cfg: Config) -> None:
     elif cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
         if not Path(cfg.model.name_or_path).exists():
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: directory not found")
+
+
+def _validate_micro_batches(cfg: Config) -> None:
+    """trainer.micro_batch_size or trainer.max_tokens_per_micro_batch, trainer.packing and its rows."""
+    t = cfg.trainer
+    _check(t.micro_batch_size is None or t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size,
+           "must be >= 1 (null: 256)")
+    budget, row = t.max_tokens_per_micro_batch, t.max_tokens_per_row
+    if budget is not None and t.micro_batch_size is not None:
+        raise ConfigError(f"trainer.max_tokens_per_micro_batch={budget} and trainer.micro_batch_size="
+                          f"{t.micro_batch_size}: set one of them (the other null)")
+    # The longest sequence a rollout can forward: prompt + completion but its last token (the tiny
+    # task's prompts are exact; elsewhere at least one prompt token).
+    prompt = 2 * cfg.data.operands if cfg.data.task == "tiny" else 1
+    longest = prompt + cfg.rollout.max_new_tokens - 1
+    for key, value in (("trainer.max_tokens_per_micro_batch", budget), ("trainer.max_tokens_per_row", row)):
+        _check(value is None or value >= longest, key, value,
+               f"smaller than the longest sequence ({longest} tokens: a prompt of {prompt} + rollout.max_new_tokens - 1)")
+    if row is not None:
+        _check(t.packing is not False, "trainer.max_tokens_per_row", row, "needs trainer.packing true or null")
+        _check(budget is None or row <= budget, "trainer.max_tokens_per_row", row,
+               f"must be <= trainer.max_tokens_per_micro_batch ({budget})")
+    attn = cfg.model.attn_implementation
+    if t.packing is True:
+        from popo_core.trainer.packing import packing_for  # torch-free
+
+        packing_for(True, attn)
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -8,6 +8,11 @@ extends (a group's repeated completions, or all of a group when completions are 
 and only the distinct positions that predict completion tokens go through the LM head, so a 150k
 vocabulary costs [distinct completion tokens, V]. The result, and its gradient, is that of
 forwarding every row on its own (with dropout in training, folded rows share one dropout mask).
+
+The distinct inputs are laid out padded (one a row, right-padded) or packed (several a row, position
+ids restarting at 0, attention kept inside each: popo_core/trainer/packing.py); every forward of the
+trainer (the policy's, the momentum network's, the reference's, pi_old's) goes through `collate` and
+`_flat_states`, so the layout is chosen in one place and nothing downstream depends on it.
 """
 
 from __future__ import annotations
@@ -18,23 +23,33 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from popo_core.trainer.packing import PADDED, Packing, place
+
 
 @dataclass
 class Sequences:
     """A batch of prompt + completion token sequences, folded onto the distinct inputs."""
 
-    input_ids: Tensor  # [U, L] right-padded distinct inputs (prompt + completion[:-1])
-    attention_mask: Tensor  # [U, L]
-    owner: Tensor  # [B] the input row whose states each completion reads
-    positions: Tensor  # [B, T] position (in its owner's row) that predicts each completion token
+    input_ids: Tensor  # [R, L] the distinct inputs (prompt + completion[:-1]), one a row or packed
+    attention_mask: Tensor | None  # padded: [R, L]; mask/additive: [R, 1, L, L] bool block-diagonal causal; varlen: None
+    position_ids: Tensor | None  # packed: [R, L], restarting at 0 at each sequence; padded: None (0..L-1)
+    owner: Tensor  # [B] the distinct input whose states each completion reads
+    index: Tensor  # [B, T] flat index (row * L + column) of the state predicting each completion token
     targets: Tensor  # [B, T] completion tokens (0 where padded)
     mask: Tensor  # [B, T] bool, True on completion tokens
-    states: Tensor  # [K] distinct predicting positions, as flat indices owner * L + position
+    states: Tensor  # [K] distinct predicting positions, as flat indices row * L + column
     inverse: Tensor  # [completion tokens] each completion token's entry in `states`
+    input_tokens: int = 0  # tokens of the distinct inputs (the rest of input_ids is padding)
+    additive: bool = False  # eager attention: the 4D mask goes in as 0 / a large negative number
 
     @property
     def n_tokens(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def padded_tokens(self) -> int:
+        """Positions the forward runs that hold no token."""
+        return self.input_ids.numel() - self.input_tokens
 
 
 def fold(inputs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
@@ -53,36 +68,67 @@ def fold(inputs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list
     return kept, [row_of[s] for s in inputs]
 
 
-def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device) -> Sequences:
-    # Built as padded Python lists and converted once: a tensor per row costs more than the model.
+def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device,
+            packing: Packing = PADDED) -> Sequences:
+    """The completions' inputs folded onto the distinct ones and laid out as `packing` says."""
+    # Built as Python lists and converted once: a tensor per row costs more than the model.
     if not all(prompts):
         raise ValueError("collate: an empty prompt (a completion's first token needs a position before it)")
     inputs = [tuple(p) + tuple(c[:-1]) for p, c in zip(prompts, completions)]
     kept, owner = fold(inputs)
-    width = max(max(len(s) for s in kept), 1)
+    lengths = [len(s) for s in kept]
+    placed = place(lengths, packing)
+    if placed is None:  # padded: one a row
+        rows, width, at = len(kept), max(max(lengths), 1), [(u, 0) for u in range(len(kept))]
+    else:
+        rows, width, at = placed.rows, placed.width, placed.at
+    input_ids = [[pad_id] * width for _ in range(rows)]
+    for s, (r, o) in zip(kept, at):
+        input_ids[r][o:o + len(s)] = s
     comp_width = max(max(len(c) for c in completions), 1)
-    input_ids = [list(s) + [pad_id] * (width - len(s)) for s in kept]
-    attention = [[1] * len(s) + [0] * (width - len(s)) for s in kept]
-    positions, targets, mask, flat = [], [], [], []
-    for p, c, o in zip(prompts, completions, owner):
+    index, targets, mask, flat = [], [], [], []
+    for p, c, u in zip(prompts, completions, owner):
         pad = comp_width - len(c)
-        at = list(range(len(p) - 1, len(p) + len(c) - 1))
-        positions.append(at + [0] * pad)
+        r, o = at[u]
+        at_flat = [r * width + o + a for a in range(len(p) - 1, len(p) + len(c) - 1)]
+        index.append(at_flat + [0] * pad)
         targets.append(list(c) + [0] * pad)
         mask.append([True] * len(c) + [False] * pad)
-        flat.extend(o * width + a for a in at)
-    as_tensor = lambda rows, dtype: torch.tensor(rows, dtype=dtype, device=device)  # noqa: E731
+        flat.extend(at_flat)
+    as_tensor = lambda rows_, dtype: torch.tensor(rows_, dtype=dtype, device=device)  # noqa: E731
     states, inverse = as_tensor(flat, torch.long).unique(return_inverse=True)
+    if placed is None:
+        attention = as_tensor([[1] * n + [0] * (width - n) for n in lengths], torch.long)
+        position_ids = None
+    else:
+        # Segment of each position (-1 - column on padding: a position of its own), its position id.
+        segment = [[-1 - k for k in range(width)] for _ in range(rows)]
+        pos = [[0] * width for _ in range(rows)]
+        for u, ((r, o), n) in enumerate(zip(at, lengths)):
+            segment[r][o:o + n] = [u] * n
+            pos[r][o:o + n] = range(n)
+        position_ids = as_tensor(pos, torch.long)
+        attention = None if packing.mode == "varlen" else block_causal_mask(as_tensor(segment, torch.long))
     return Sequences(
         as_tensor(input_ids, torch.long),
-        as_tensor(attention, torch.long),
+        attention,
+        position_ids,
         as_tensor(owner, torch.long),
-        as_tensor(positions, torch.long),
+        as_tensor(index, torch.long),
         as_tensor(targets, torch.long),
         as_tensor(mask, torch.bool),
         states,
         inverse,
+        input_tokens=sum(lengths),
+        additive=packing.mode == "additive",
     )
+
+
+def block_causal_mask(segment: Tensor) -> Tensor:
+    """[R, 1, L, L] bool, True where a query may attend a key: same segment, key not after it."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+    return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
 def _base(model):
@@ -128,14 +174,16 @@ def completion_forward(
     """(log-probs [B, T], last hidden states [B, T, H]) at the completion tokens.
 
     Log-probs are of the distribution the sampler drew from: logits / temperature with suppressed
-    tokens removed (METHOD.md, Setting). Padded entries are 0.
+    tokens removed (METHOD.md, Setting). Padded entries of both are 0.
     """
     flat = _flat_states(model, seqs)
     lp = None
     if logprobs:
         log_p = _sampler_log_probs(model, flat[seqs.states], temperature, suppress_ids)
         lp = _per_token(log_p[seqs.inverse, seqs.targets[seqs.mask]], seqs.mask)
-    h = flat[seqs.owner[:, None] * seqs.input_ids.shape[1] + seqs.positions] if hidden else None
+    h = None
+    if hidden:  # 0 where padded, as the log-probs
+        h = torch.where(seqs.mask[..., None], flat[seqs.index], torch.zeros((), dtype=flat.dtype, device=flat.device))
     return lp, h
 
 
@@ -152,7 +200,19 @@ def completion_logprobs_and_entropy(
 
 
 def _flat_states(model, seqs: Sequences) -> Tensor:
-    """[U * L, H] last hidden states (after the final norm) of the distinct inputs, row-major."""
-    out = backbone(model)(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, use_cache=False)
+    """[R * L, H] last hidden states (after the final norm) of the layout's positions, row-major."""
+    mask = seqs.attention_mask
+    if seqs.additive:  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=_compute_dtype(model), device=mask.device).masked_fill(
+            ~mask, torch.finfo(_compute_dtype(model)).min)
+    out = backbone(model)(input_ids=seqs.input_ids, attention_mask=mask, position_ids=seqs.position_ids,
+                          use_cache=False)
     states = out.last_hidden_state
     return states.reshape(-1, states.shape[-1])
+
+
+def _compute_dtype(model) -> torch.dtype:
+    param = next(model.parameters())
+    if torch.is_autocast_enabled(param.device.type):
+        return torch.get_autocast_dtype(param.device.type)
+    return param.dtype

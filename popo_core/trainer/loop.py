@@ -21,6 +21,7 @@ from popo_core.model.loading import load_model_and_tokenizer, resolve_device, re
 from popo_core.model.lora import add_lora
 from popo_core.trainer.companions import momentum_network, reference_network
 from popo_core.algo.objective import build_objective
+from popo_core.trainer.packing import packing_for
 from popo_core.grading.verifiers import grade_counts
 from popo_core.rollout import Rollouts, make_engine
 from popo_core.rollout.sampling import prompt_keys
@@ -44,7 +45,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
     with run.open(learner, tokenizer):  # restores a resumed run's weights: the sampler gets them too
         engine.sync_weights(learner.model)
         if run.state["step"] == 0 and eval_set:
-            run.log(0, {"eval/accuracy": evaluate(engine, tokenizer, eval_set, verifier, cfg, learner)})
+            run.log(0, evaluate(engine, tokenizer, eval_set, verifier, cfg, learner))
         for step in run.steps():
             start = time.perf_counter()
             problems = prompt_batch(train_set, step, r.prompts_per_step, cfg.trainer.seed)
@@ -60,7 +61,7 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
             engine.sync_weights(learner.model)
             metrics |= rollout_metrics(rollouts, rewards, grades, r.group_size, start, generated, graded)
             if eval_set and run.eval_due(step):
-                metrics["eval/accuracy"] = evaluate(engine, tokenizer, eval_set, verifier, cfg, learner)
+                metrics |= evaluate(engine, tokenizer, eval_set, verifier, cfg, learner)
             run.log(step, metrics)
             if run.save_due(step):
                 run.save()
@@ -119,6 +120,8 @@ def build(cfg: Config):
         pad_id=engine.pad_id, suppress=list(engine.suppress), temperature=cfg.rollout.temperature,
         total_updates=t.max_steps * a.epochs * a.mini_batches, compute_dtype=compute_dtype,
         momentum=momentum, reference=reference, predictor=predictor, ranks=ranks, whole=whole,
+        packing=packing_for(t.packing, getattr(model.config, "_attn_implementation", None), t.max_tokens_per_row),
+        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
     )
     return learner, tokenizer, engine
 
@@ -139,16 +142,25 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- around the update
-def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config, learner) -> float:
-    """Held-out greedy accuracy (the same pass as `popo eval`, with the task's answer normaliser)."""
-    r = cfg.rollout
+def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config, learner) -> dict[str, float]:
+    """Held-out greedy accuracy (the same pass as `popo eval`, with the task's answer normaliser) and,
+    with trainer.eval_samples, the sampled pass@1 at the rollout temperature (`eval/pass_at_1`:
+    MLflow names hold no "@"). The samples' keys depend on the seed and prompt, not the step, so
+    every evaluation of a run (and a resumed one) draws alike."""
+    r, n = cfg.rollout, cfg.trainer.eval_samples
     normalize = eval_normalizer(cfg.data)
-    extra = {"normalize": normalize} if normalize is not None else {}
+    common = dict(template=cfg.model.template, max_new_tokens=r.eval_max_new_tokens or r.max_new_tokens,
+                  **({"normalize": normalize} if normalize is not None else {}))
     with learner.autocast():
-        report = evaluate_problems(engine, tokenizer, problems, verifier, template=cfg.model.template,
-                                   max_new_tokens=r.eval_max_new_tokens or r.max_new_tokens, greedy=True,
-                                   batch_prompts=256, **extra)
-    return report.accuracy
+        out = {"eval/accuracy": evaluate_problems(engine, tokenizer, problems, verifier, greedy=True, batch_prompts=256,
+                                                  **common).accuracy}
+        if n:  # about 256 completions a batch, as for the greedy pass
+            sampled = evaluate_problems(engine, tokenizer, problems, verifier, greedy=False, samples=n,
+                                        batch_prompts=max(1, 256 // n),
+                                        temperature=r.temperature, top_p=r.top_p,
+                                        seeds=prompt_keys(cfg.trainer.seed, 0, 0, len(problems), stream=1), **common)
+            out["eval/pass_at_1"] = sampled.accuracy  # the mean over prompts of c/n: pass@1 unbiased
+    return out
 
 
 def rollout_metrics(rollouts: Rollouts, rewards: torch.Tensor, grades, group_size: int, start: float, generated: float,

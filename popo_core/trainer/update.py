@@ -1,9 +1,10 @@
 """The update: one rollout batch -> `algo.epochs` passes of `algo.mini_batches` optimizer steps.
 
 Each optimizer step reads forward/backward -> clip -> step -> momentum update (METHOD.md sections
-1-2). A micro-batch is any slice of at most `trainer.micro_batch_size` of the completions the method
-forwards, a group may span several: the step's quantities (advantages, weights, normalisers) are
-computed once over the whole step, so the gradient does not depend on the split.
+1-2). A micro-batch is any slice of the completions the method forwards, of at most
+`trainer.micro_batch_size` completions or `trainer.max_tokens_per_micro_batch` tokens; a group may
+span several: the step's quantities (advantages, weights, normalisers) are computed once over the
+whole step, so the gradient does not depend on the split.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from popo_core.trainer.distributed import SINGLE, Ranks, full, full_state_dict, 
 from popo_core.trainer.companions import autocast
 from popo_core.algo.objective import Objective
 from popo_core.trainer.logprobs import collate, completion_forward, completion_logprobs_and_entropy
+from popo_core.trainer.packing import MICRO_BATCH_SIZE, PADDED, Packing, rank_token_chunks
 from popo_core.rollout import Rollouts
 from popo_core.algo.siamese import momentum_at
 
@@ -55,6 +57,9 @@ class Learner:
     counters: Counters = field(default_factory=Counters)
     ranks: Ranks = SINGLE  # several processes: each forwards its share of every step (distributed.py)
     whole: Any = None  # under FSDP: an unsharded copy of the policy (the sampler's, and what is saved)
+    packing: Packing = PADDED  # how every forward lays out its sequences (popo_core/trainer/packing.py)
+    max_tokens_per_micro_batch: int | None = None  # micro-batches by tokens instead of by completions
+    padded_tokens: float = 0.0  # this update's so far: positions its gradient forwards ran on no token
 
     @property
     def device(self) -> torch.device:
@@ -105,12 +110,20 @@ class MicroBatch:
     lockstep: bool  # every forward must run on every rank (FSDP's collectives), wanted or not
 
 
-def micro_batches(ranks: Ranks, positions: Tensor, size: int):
-    """This rank's micro-batches of `positions`. Every rank runs as many micro-batches as the busiest
-    one, so the collectives stay in step: a rank whose share ran out runs a placeholder (one row,
-    weight 0). Otherwise the weight is the world size: FSDP averages gradients over ranks, so scaled
-    by their number they sum (x 1 on one process)."""
-    for pos in ranks.chunks(positions, size):
+def micro_batches(ranks: Ranks, positions: Tensor, size: int | None, costs: list[int] | None = None,
+                  max_tokens: int | None = None, padded: bool = True):
+    """This rank's micro-batches of `positions`: of at most `size` rows (None: 256), or, given
+    `max_tokens`, of at most that many tokens (`costs`: each position's sequence tokens; summed when
+    packed, the longest times the rows when `padded`), the rows shared among the ranks by tokens.
+    Every rank runs as many micro-batches as the busiest one, so the collectives stay in step: a rank
+    whose share ran out runs a placeholder (one row, weight 0). Otherwise the weight is the world
+    size: FSDP averages gradients over ranks, so scaled by their number they sum (x 1 on one process)."""
+    if max_tokens is None:
+        chunks = ranks.chunks(positions, size or MICRO_BATCH_SIZE)
+    else:
+        runs = rank_token_chunks(costs, max_tokens, padded, ranks.rank, ranks.world)
+        chunks = [positions[torch.tensor(run, dtype=torch.long, device=positions.device)] for run in runs]
+    for pos in chunks:
         if len(pos) == 0:
             yield MicroBatch(positions[:1], 0.0, ranks.distributed)
         else:
@@ -119,15 +132,27 @@ def micro_batches(ranks: Ranks, positions: Tensor, size: int):
 
 # ---------------------------------------------------------------------------------- forwards
 def _collate(learner: Learner, batch: Batch, rows: list[int]):
+    """The seam every forward of the update goes through: rows -> the learner's layout."""
     r = batch.rollouts
-    return collate([r.prompt_ids[i] for i in rows], [r.completion_ids[i] for i in rows], learner.pad_id, learner.device)
+    return collate([r.prompt_ids[i] for i in rows], [r.completion_ids[i] for i in rows], learner.pad_id, learner.device,
+                   learner.packing)
+
+
+def _micro_batches(learner: Learner, batch: Batch, positions: Tensor, rows: list[int], size: int | None):
+    """micro_batches of `positions` (indices into `rows`, batch rows) under the learner's budget."""
+    budget = learner.max_tokens_per_micro_batch
+    costs = None
+    if budget is not None:
+        r = batch.rollouts
+        costs = [len(r.prompt_ids[rows[i]]) + len(r.completion_ids[rows[i]]) - 1 for i in positions.tolist()]
+    return micro_batches(learner.ranks, positions, size, costs, budget, padded=learner.packing.mode == "padded")
 
 
 def _padded(t: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(t, (0, max(width - t.shape[1], 0)))[:, :width]
 
 
-def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batch_size: int,
+def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batch_size: int | None,
               entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs (and entropies) of `rows` under `model`, no gradient, as [N, W] tensors
     over the whole batch (zero where not computed). Each rank computes its share; the shares are
@@ -136,7 +161,8 @@ def recompute(learner: Learner, model, batch: Batch, rows: list[int], micro_batc
     dtype = torch.promote_types(next(learner.model.parameters()).dtype, torch.float32)
     lp = torch.zeros(len(batch), width, device=learner.device, dtype=dtype)
     ent = torch.zeros_like(lp) if entropy else None
-    for mb in micro_batches(learner.ranks, torch.tensor(rows, dtype=torch.long), micro_batch_size):
+    for mb in _micro_batches(learner, batch, torch.tensor(rows, dtype=torch.long), list(range(len(batch))),
+                             micro_batch_size):
         micro = mb.positions.tolist()
         seqs = _collate(learner, batch, micro)
         with learner.autocast():
@@ -165,7 +191,7 @@ class StepInputs:
     ref: Tensor | None  # [N, W] reference log-probs
 
 
-def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_size: int, correction: str = "none",
+def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_size: int | None, correction: str = "none",
              cap: float = 2.0) -> dict[str, float]:
     """Forward and backward of one optimizer step over its forwarded completions, in micro-batches;
     the gradients add up to the whole step's (over every rank). Returns the step's sums over this
@@ -186,8 +212,8 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
     # Sums over micro-batches: the losses (each already over the step's denominators) and the
     # token-weighted loss metrics; the sampler divergence when this forward is pi_old's.
     sums = {"loss/policy": 0.0, "tokens": 0.0, "penalty": 0.0, "mismatch": 0.0, "kl": 0.0, "sampled_tokens": 0.0,
-            "nonfinite": 0.0}
-    for mb in micro_batches(learner.ranks, positions, micro_batch_size):
+            "nonfinite": 0.0, "padded_tokens": 0.0}
+    for mb in _micro_batches(learner, batch, positions, rows.tolist(), micro_batch_size):
         micro = rows[mb.positions].tolist()
         pen_rows = penalised[mb.positions]
         live = bool(pen_rows.any()) and mb.weight > 0  # penalised rows here count; else a zero-weight
@@ -203,6 +229,7 @@ def backward(learner: Learner, batch: Batch, inputs: StepInputs, *, micro_batch_
             sums["loss/policy"] += float(out.policy.detach())
             sums["penalty"] += out.penalty if live else 0.0
             sums["tokens"] += n_tok
+            sums["padded_tokens"] += out.padded_tokens
             for key, value in out.metrics.items():  # clip/fraction, ratio/mean, ...: token means, weighted
                 sums[TOKEN_MEAN + key] = sums.get(TOKEN_MEAN + key, 0.0) + value * n_tok
             if inputs.old is None and out.sampler is not None:
@@ -225,6 +252,7 @@ class MicroLoss:
     mask: Tensor  # [n, W] completion tokens
     old: Tensor  # [n, W] pi_old log-probs
     sampler: Tensor | None  # [n, W] the sampler's own log-probs (mu), when it reported them
+    padded_tokens: int = 0  # positions the policy's forward ran that held no token
 
 
 def micro_batch_loss(learner: Learner, batch: Batch, inputs: StepInputs, quantities, micro: list[int], *,
@@ -253,7 +281,7 @@ def micro_batch_loss(learner: Learner, batch: Batch, inputs: StepInputs, quantit
             p_loss, _ = _penalty(learner, batch, micro, seqs, lp, h, pen_rows, n_penalised, penalty)
         total = total + penalty_weight * p_loss
         p_value = float(p_loss.detach())
-    return MicroLoss(total, loss, p_value, m, mask, old, mu)
+    return MicroLoss(total, loss, p_value, m, mask, old, mu, seqs.padded_tokens)
 
 
 TOKEN_MEAN = "token_mean:"  # a loss metric's token-weighted sum over the step's micro-batches
@@ -282,7 +310,7 @@ def _sum_over_ranks(ranks: Ranks, sums: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, values.tolist()))
 
 
-def _seq_log_ratio(learner: Learner, batch: Batch, rows: Tensor, old: Tensor, micro_batch_size: int) -> Tensor:
+def _seq_log_ratio(learner: Learner, batch: Batch, rows: Tensor, old: Tensor, micro_batch_size: int | None) -> Tensor:
     """mean_t log rho_it of every row of the step at the current policy (no gradient), for
     self-normalised weights; zero for rows the method does not forward."""
     forwarded = learner.objective.forwarded(batch.rewards[rows])
@@ -321,6 +349,7 @@ def optimizer_step(learner: Learner, batch: Batch, inputs: StepInputs, cfg) -> d
     sums = backward(learner, batch, inputs, micro_batch_size=t.micro_batch_size, correction=a.rollout_correction,
                     cap=a.rollout_is_cap)
     sums = _sum_over_ranks(learner.ranks, sums)  # every rank decides alike
+    learner.padded_tokens += sums["padded_tokens"]
     tokens, finite = sums["tokens"], sums["nonfinite"] == 0
     metrics = reduce_sums(sums, learner.objective.penalty.metric if learner.objective.penalty else None)
     learned = tokens > 0 and finite
@@ -381,6 +410,7 @@ def update(learner: Learner, batch: Batch, cfg, step: int) -> dict[str, float]:
 
     taken: list[dict[str, float]] = []
     forward_tokens = 0
+    learner.padded_tokens = 0.0
     generator = torch.Generator().manual_seed(t.seed * 7919 + step)
     n_prompts = int(batch.group_ids.max()) + 1
     for _ in range(a.epochs):
@@ -392,7 +422,8 @@ def update(learner: Learner, batch: Batch, cfg, step: int) -> dict[str, float]:
                 taken.append(taken_step)
     metrics |= _mean(taken)
     c = learner.counters
-    metrics |= {"train/forward_tokens": forward_tokens, "train/skipped_updates": c.skipped, "train/updates": c.updates,
+    metrics |= {"train/forward_tokens": forward_tokens, "train/padded_tokens": int(learner.padded_tokens),
+                "train/skipped_updates": c.skipped, "train/updates": c.updates,
                 "optim/lr": learner.scheduler.get_last_lr()[0]}
     if learner.momentum is not None:
         metrics["momentum/m"] = momentum_at(c.updates, learner.total_updates, a.momentum, a.momentum_schedule)
