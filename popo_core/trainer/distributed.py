@@ -144,3 +144,26 @@ def reshard(model) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def whole_on_main(model, ranks: Ranks):
+    """The policy as one whole module on rank 0, None on the others (a collective): the full state
+    dict gathered onto rank 0's CPU, loaded into a module built without initialising its weights.
+    What the final save writes when no rank keeps a whole copy (vLLM samples)."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ranks.main:
+        return None
+    with torch.device("meta"):
+        whole = type(model)(copy.deepcopy(model.config))
+    whole.load_state_dict(state, strict=False, assign=True)
+    whole.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        whole.generation_config = copy.deepcopy(model.generation_config)
+    missing = [k for k, v in whole.state_dict().items() if v.is_meta]
+    if missing:
+        raise RuntimeError(f"gathered state dict lacks {missing[:3]}")
+    return whole.eval()

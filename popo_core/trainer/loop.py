@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import random
 import time
+import zlib
 
 import torch
 
@@ -24,6 +26,7 @@ from popo_core.algo.objective import build_objective
 from popo_core.trainer.packing import packing_for
 from popo_core.grading.verifiers import grade_counts
 from popo_core.rollout import Rollouts, make_engine
+from popo_core.rollout.colocate import check_groups
 from popo_core.rollout.sampling import prompt_keys
 from popo_core.rollout.sharded import ShardedEngine
 from popo_core.trainer.lifecycle import Callbacks, TrainingRun, TrainResult
@@ -65,7 +68,10 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
             run.log(step, metrics)
             if run.save_due(step):
                 run.save()
-        return run.finish(metrics)
+        result = run.finish(metrics)
+    if isinstance(engine, ShardedEngine):
+        engine.close()  # vLLM's, now, while the trainer's process group is still there (colocate.shutdown)
+    return result
 
 
 # ---------------------------------------------------------------------------------- set-up
@@ -95,12 +101,18 @@ def build(cfg: Config):
     if lora:
         model = add_lora(model, m.lora)
     model.train()
-    # Several ranks: each samples its share with a whole copy, fed the full weights at each push.
-    whole = copy.deepcopy(model).eval() if ranks.distributed else None
-    engine = make_engine(cfg.rollout.engine, whole if ranks.distributed else model, tokenizer, seed=t.seed,
-                         trust_remote_code=m.trust_remote_code, rollout=cfg.rollout, dtype=compute_dtype)
+    # Several ranks, hf: each samples its share with a whole copy, fed the full weights at each
+    # push. vllm: one engine per rank (or per group of rollout.tensor_parallel_size ranks), started
+    # here from the still whole model, then fed from the shards; no copy is kept (rollout/colocate.py).
+    colocated = ranks.distributed and cfg.rollout.engine == "vllm"
+    if colocated:
+        check_groups(ranks.world, cfg.rollout.tensor_parallel_size)
+    whole = copy.deepcopy(model).eval() if ranks.distributed and not colocated else None
+    engine = make_engine(cfg.rollout.engine, whole if whole is not None else model, tokenizer, seed=t.seed,
+                         trust_remote_code=m.trust_remote_code, rollout=cfg.rollout, dtype=compute_dtype,
+                         colocated=colocated)
     if ranks.distributed:
-        engine = ShardedEngine(engine, ranks)
+        engine = ShardedEngine(engine, ranks, cfg.rollout.tensor_parallel_size if colocated else 1)
     predictor = None
     if a.predictor and objective.penalty is not None and objective.penalty.reads == "hidden":
         predictor = Predictor(model.config.hidden_size).to(device)
@@ -177,6 +189,8 @@ def rollout_metrics(rollouts: Rollouts, rewards: torch.Tensor, grades, group_siz
         "groups/all_positive_fraction": float((per_group == group_size).float().mean()),
         "completion/length": n_tokens / len(rollouts),
         "completion/truncated_fraction": sum(rollouts.truncated) / len(rollouts),
+        # The step's completions (tokens, in batch order) in one number: equal runs sampled the same.
+        "completion/crc32": float(zlib.crc32(json.dumps(rollouts.completion_ids).encode())),
         "grading/timeouts": counts["timeout"],
         "grading/errors": counts["error"],
         "throughput/tokens_per_s": n_tokens / (end - start),

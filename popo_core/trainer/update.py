@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from popo_core.algo.losses import rollout_divergence, rollout_weights
-from popo_core.trainer.distributed import SINGLE, Ranks, full, full_state_dict, reshard
+from popo_core.trainer.distributed import SINGLE, Ranks, full, full_state_dict, reshard, whole_on_main
 from popo_core.trainer.companions import autocast
 from popo_core.algo.objective import Objective
 from popo_core.trainer.logprobs import collate, completion_forward, completion_logprobs_and_entropy
@@ -69,9 +69,12 @@ class Learner:
         return autocast(self.device, self.compute_dtype)
 
     def export(self):
-        """The policy as one whole module (under FSDP: the sampler's copy, given the current weights)."""
+        """The policy as one whole module (under FSDP, a collective: the HF sampler's copy given the
+        current weights, or with vLLM a module on rank 0 only, None elsewhere)."""
         if not self.ranks.distributed:
             return self.model
+        if self.whole is None:
+            return whole_on_main(self.model, self.ranks)
         self.whole.load_state_dict(full_state_dict(self.model))
         return self.whole
 
