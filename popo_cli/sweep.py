@@ -1,4 +1,4 @@
-"""`popo sweep momentum|clip|penalty|all [PRESET] [options] [key=value ...]`."""
+"""`popo sweep momentum|clip|penalty|lr|all|FILE.yaml [PRESET] [--param KEY=SPEC ...] [options] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ STORAGE_HELP = ("Optuna storage URL. Workers started anywhere with the same --st
 
 
 def sweep(
-    knob: str = typer.Argument(..., help="What to sweep: momentum, clip, penalty or all (the joint space).",
+    knob: str = typer.Argument(..., help="What to sweep: momentum, clip, penalty, lr, all (the first three jointly), "
+                               "or a YAML file of your own in the format of experiments/sweep/*.yaml.",
                                show_default=False),
     preset: Optional[str] = typer.Argument(None, help="Preset; default tiny.", show_default=False),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides fixing the rest of every trial's config; "
                                                     "every command on one study must give the same.",
                                                     show_default=False),
+    params: Optional[List[str]] = typer.Option(None, "--param", help="Another parameter, or one replacing the "
+                                               "space's: KEY=LOW:HIGH[:log] (a range) or KEY=a,b,c (choices); repeatable.",
+                                               show_default=False),
     trials: int = typer.Option(20, "--trials", "-n", help="Finished (complete or pruned) trials the study should "
                                "hold, all workers together; rerunning continues up to it."),
     study: Optional[str] = typer.Option(None, "--study", help="Study name. Default: <knob>-<preset>.",
@@ -31,13 +35,14 @@ def sweep(
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampler seed (workers running side by side should "
                                        "not share one).", show_default=False),
     metric: str = typer.Option("eval/accuracy", "--metric", help="Objective: this metric at the last step; "
-                               "reported at each step it is logged, for the pruner."),
+                               "reported at each step it is logged, for the pruner. eval/pass_at_1 (sampled) needs "
+                               "trainer.eval_samples=N."),
     direction: str = typer.Option("maximize", "--direction", help="maximize or minimize."),
     heartbeat_interval: int = typer.Option(10, "--heartbeat-interval", help="Seconds between a trial's heartbeats."),
     grace_period: int = typer.Option(60, "--grace-period", help="A trial silent this long (s) belongs to a dead "
                                      "worker: it is marked failed and retried."),
 ) -> None:
-    """Optuna study over POPO's knobs; each trial is a real training run, nested in MLflow.
+    """Optuna study over POPO's knobs or any config key; each trial is a real training run, nested in MLflow.
 
     Resumable (rerun the same command) and shareable (several workers, one --storage/--study).
     """
@@ -46,8 +51,8 @@ def sweep(
     with user_errors():
         from popo_core.sweep.study import Sweep, SweepSettings, TooManyFailures
 
-        settings = SweepSettings(knob=knob, preset=preset, overrides=overrides, trials=trials, study=study,
-                                 storage=storage, sampler=sampler, pruner=pruner, seed=seed, metric=metric,
+        settings = SweepSettings(knob=knob, preset=preset, overrides=overrides, params=list(params or []),
+                                 trials=trials, study=study, storage=storage, sampler=sampler, pruner=pruner, seed=seed, metric=metric,
                                  direction=direction, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         job = Sweep(settings)
         space = "; ".join(p.describe() for p in job.space)

@@ -45,13 +45,17 @@ def evaluate_problems(
     progress: Callable[[int], None] | None = None,
     normalize: str | None = None,
     grade_progress: Callable[[int], None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> EvalReport:
-    """Generate `samples` responses per problem (greedy by default) and grade them."""
+    """Generate `samples` responses per problem (greedy by default) and grade them. `seeds` (one
+    per problem) fix each problem's draws, whatever the batching; None: the engine's own."""
     responses: list[list[str]] = []
     for start in range(0, len(problems), batch_prompts):
         chunk = problems[start : start + batch_prompts]
+        keys = {"seeds": list(seeds[start : start + batch_prompts])} if seeds is not None else {}
         out = engine.generate(
-            prompt_ids(tokenizer, template, chunk), n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy
+            prompt_ids(tokenizer, template, chunk), n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy,
+            **keys,
         )
         responses.extend(out.texts[i * samples : (i + 1) * samples] for i in range(len(chunk)))
         if progress:

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from popo_core.config import Config, compose, to_flat_dict
-from popo_core.sweep.space import Param
+from popo_core.sweep.space import Param, is_file, knob_label
 
 # Where a trial runs and logs, and how much memory it takes, not what it computes: workers on
 # different machines may differ here (their own trainer.threads, a tracking server, a GPU's size).
@@ -34,16 +34,28 @@ def trial_config(cfg: Config, space: list[Param]) -> dict[str, Any]:
 
 
 def space_record(space: list[Param]) -> list[dict[str, Any]]:
-    # The grid is left out: it is where `--sampler grid` looks inside the space, not the space.
+    """The space as the study keeps it, however it was given (a shipped knob, a file, --param):
+    one entry per parameter. The grid is left out: it is where `--sampler grid` looks inside the
+    space, not the space. `int` is written only for an integer range (records made before it
+    existed stay equal)."""
     return [{"name": p.name, "low": p.low, "high": p.high, "log": p.log,
-             "choices": list(p.choices) if p.choices is not None else None} for p in space]
+             "choices": list(p.choices) if p.choices is not None else None, **({"int": True} if p.integer else {})}
+            for p in space]
+
+
+def space_source(knob: str, params: list[str] | tuple[str, ...]) -> str:
+    """Where a space came from, as a message names it: `experiments/sweep/lr.yaml + --param ...`."""
+    where = knob if is_file(knob) else f"experiments/sweep/{knob}.yaml"
+    return where + "".join(f" + --param {p}" for p in params)
 
 
 def record(knob: str, preset: str, overrides: list[str], metric: str, direction: str, space: list[Param],
-           cfg: Config) -> dict[str, Any]:
-    """The user attrs that say what a study's trials are (`popo.overrides` as typed, for the reader)."""
-    return {"popo.knob": knob, "popo.preset": preset, "popo.overrides": " ".join(overrides), "popo.metric": metric,
-            "popo.direction": direction, "popo.space": space_record(space), "popo.config": trial_config(cfg, space)}
+           cfg: Config, params: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The user attrs that say what a study's trials are (`popo.overrides` and `popo.params` as
+    typed, for the reader; `popo.space` is what is compared)."""
+    return {"popo.knob": knob_label(knob), "popo.preset": preset, "popo.overrides": " ".join(overrides),
+            "popo.params": " ".join(params), "popo.metric": metric, "popo.direction": direction,
+            "popo.space": space_record(space), "popo.config": trial_config(cfg, space)}
 
 
 def legacy_config(held: dict[str, Any], space: list[Param]) -> dict[str, Any] | None:
@@ -67,8 +79,9 @@ def mismatch(study: str, held: dict[str, Any], mine: dict[str, Any]) -> str | No
     if "popo.space" in held and held["popo.space"] != mine["popo.space"]:
         old, new = ({d["name"]: _describe(d) for d in side} for side in (held["popo.space"], mine["popo.space"]))
         names = [n for n in dict.fromkeys([*old, *new]) if old.get(n) != new.get(n)]
+        source = space_source(mine["popo.knob"], mine.get("popo.params", "").split())
         return _refusal(study, [old.get(n, f"no {n}") for n in names], [new.get(n, f"no {n}") for n in names],
-                        f"search space (experiments/sweep/{mine['popo.knob']}.yaml)", sep=", ")
+                        f"search space (this command's is {source})", sep=", ")
     if "popo.config" in held:
         old, new = held["popo.config"], mine["popo.config"]
         typed = {o.split("=", 1)[0] for side in (held, mine) for o in side.get("popo.overrides", "").split()}
@@ -87,7 +100,7 @@ def _refusal(study: str, old: list[str], new: list[str], what: str, sep: str = "
 
 def _describe(d: dict[str, Any]) -> str:
     choices = tuple(d["choices"]) if d.get("choices") is not None else None
-    return Param(d["name"], d.get("low"), d.get("high"), bool(d.get("log")), choices).describe()
+    return Param(d["name"], d.get("low"), d.get("high"), bool(d.get("log")), choices, integer=bool(d.get("int"))).describe()
 
 
 def _value(v: Any) -> str:

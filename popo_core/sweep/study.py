@@ -23,25 +23,21 @@ from popo_core.config import Config, compose, validate
 from popo_core.errors import ConfigError, first_line
 from popo_core.store_lock import init_lock
 from popo_core.sweep import compat
-from popo_core.sweep.space import Param, SweepError, load_space, set_key
+from popo_core.sweep.space import Param, SweepError, check_against, knob_label, knob_stem, load_space, set_key
 from popo_core.sweep.storage import DEFAULT_STORAGE, open_storage
+from popo_core.sweep.trials import TrialHooks, TrialRow, TrialTakenOver, rows, trials_csv
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
 DIRECTIONS = ("maximize", "minimize")
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
-__all__ = ["Param", "Reporter", "Sweep", "SweepError", "SweepResult", "SweepSettings", "TrialRow"]
+__all__ = ["Param", "Reporter", "Sweep", "SweepError", "SweepResult", "SweepSettings", "TrialRow", "TrialTakenOver",
+           "rows", "trials_csv"]
 
 
 class SurplusTrial(Exception):
     """Raised in a trial created after other workers already hold the target: it runs nothing."""
-
-
-class TrialTakenOver(Exception):
-    """This worker's running trial was marked failed by another worker (its heartbeat lapsed, e.g.
-    on an overloaded machine) and queued for a retry: stop training so two processes never write
-    one trial directory."""
 
 
 class TooManyFailures(RuntimeError):
@@ -50,11 +46,12 @@ class TooManyFailures(RuntimeError):
 
 @dataclass
 class SweepSettings:
-    knob: str
+    knob: str  # a shipped space (experiments/sweep/<knob>.yaml) or a YAML file of the same format
     preset: str = "tiny"
     overrides: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)  # --param KEY=LOW:HIGH[:log] | KEY=a,b,c: added, or replacing
     trials: int = 20  # finished (complete or pruned) trials the study should hold, all workers together
-    study: str | None = None  # default: <knob>-<preset>
+    study: str | None = None  # default: <knob>-<preset> (a file: its name without .yaml)
     storage: str = DEFAULT_STORAGE
     sampler: str = "tpe"
     pruner: str = "median"
@@ -64,17 +61,6 @@ class SweepSettings:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # a RUNNING trial silent this long belongs to a dead worker
     max_retry: int = 3  # retries of one trial whose worker died
-
-
-@dataclass
-class TrialRow:
-    number: int
-    state: str  # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
-    params: dict[str, Any]
-    value: float | None
-    duration_s: float | None
-    output_dir: str | None
-    note: str = ""
 
 
 @dataclass
@@ -114,6 +100,17 @@ def _sampler(name: str, space: list[Param], seed: int | None):
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=len(space) > 1)
 
 
+def check_metric(metric: str, base: Config) -> None:
+    """Refuse a metric no trial of this config logs, when that is known up front: the sampled
+    pass@1 without samples, or an "@" (MLflow names cannot hold one: pass@1 is logged as pass_at_1)."""
+    if "@" in metric:
+        raise SweepError(f"--metric {metric}: metric names hold no '@' (MLflow forbids it): "
+                         f"did you mean {metric.replace('@', '_at_')}?")
+    if metric == "eval/pass_at_1" and not base.trainer.eval_samples:
+        raise SweepError("--metric eval/pass_at_1 needs trainer.eval_samples > 0 (samples per held-out prompt; "
+                         "e.g. trainer.eval_samples=16)")
+
+
 class Sweep:
     """A prepared sweep: input checked, base config composed, study opened. `run()` works on it."""
 
@@ -127,9 +124,11 @@ class Sweep:
                 raise SweepError(f"{flag} {value}: choose from {', '.join(choices)}")
         if s.heartbeat_interval < 1 or s.grace_period <= s.heartbeat_interval:
             raise SweepError("--heartbeat-interval must be >= 1 s and --grace-period longer than it")
-        self.space = load_space(s.knob)
+        self.space = load_space(s.knob, s.params)
         self.base = compose(s.preset, s.overrides)
-        self.name = s.study or f"{s.knob}-{s.preset}"
+        check_against(self.space, self.base, compat.space_source(s.knob, s.params))
+        check_metric(s.metric, self.base)
+        self.name = s.study or f"{knob_stem(s.knob)}-{s.preset}"
         if not self.name or not set(self.name) <= _NAME_OK:
             raise SweepError(f"--study {self.name!r}: use letters, digits, '.', '_' and '-'")
         self.root = Path(self.base.trainer.output_dir or Path("sweeps") / self.name)
@@ -148,7 +147,8 @@ class Sweep:
         if s.sampler == "grid":
             missing = [p.name for p in self.space if not p.grid]
             if missing:
-                raise SweepError(f"--sampler grid: {missing[0]} has no grid points in sweep/{s.knob}.yaml")
+                raise SweepError(f"--sampler grid: {missing[0]} has no grid points in {compat.space_source(s.knob, [])} "
+                                 f"(give it as --param {missing[0]}=a,b,c)")
             size = math.prod(len(p.grid) for p in self.space)
             if size < s.trials:
                 self.notes.append(f"the grid has {size} points: the study stops at {size} trials")
@@ -167,7 +167,7 @@ class Sweep:
         # The first quarter of a run is too early to judge it; the first 5 trials are never pruned.
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, self.base.trainer.max_steps // 4))
                   if s.pruner == "median" else optuna.pruners.NopPruner())
-        mine = compat.record(s.knob, s.preset, s.overrides, s.metric, s.direction, self.space, self.base)
+        mine = compat.record(s.knob, s.preset, s.overrides, s.metric, s.direction, self.space, self.base, s.params)
         # One command at a time opens, checks and records, so two first commands cannot both record theirs.
         with init_lock(s.storage):
             try:
@@ -308,7 +308,7 @@ class Sweep:
         # A retry resumes the dead trial's run: Optuna copied the failed trial's user attrs.
         previous = me.user_attrs.get("popo.output_dir") if retry_of is not None else None
         resume = bool(previous) and checkpoint.exists(Path(previous))
-        hooks = _TrialHooks(self, trial, retry_of, reported=set(me.intermediate_values))
+        hooks = TrialHooks(self, trial, retry_of, reported=set(me.intermediate_values))
         cfg = self._trial_config(trial.number, values, previous if resume else None)
         try:
             training_run = TrainingRun(cfg, hooks)  # refuses a dir holding another config's run
@@ -381,10 +381,10 @@ class Sweep:
 
         runs = StudyRuns(t.uri, t.experiment, self.name)
         s = self.s
-        tags = {"popo.sweep.knob": s.knob, "popo.preset": s.preset, "popo.sweep.storage": redact({"u": s.storage})["u"]}
-        params = {"sweep.knob": s.knob, "sweep.preset": s.preset, "sweep.trials": s.trials, "sweep.sampler": s.sampler,
+        tags = {"popo.sweep.knob": knob_label(s.knob), "popo.preset": s.preset, "popo.sweep.storage": redact({"u": s.storage})["u"]}
+        params = {"sweep.knob": knob_label(s.knob), "sweep.preset": s.preset, "sweep.trials": s.trials, "sweep.sampler": s.sampler,
                   "sweep.pruner": s.pruner, "sweep.metric": s.metric, "sweep.direction": s.direction,
-                  "sweep.overrides": " ".join(s.overrides), "sweep.space": "; ".join(p.describe() for p in self.space)}
+                  "sweep.overrides": " ".join(s.overrides), "sweep.params": " ".join(s.params), "sweep.space": "; ".join(p.describe() for p in self.space)}
         runs.open_parent(tags, params)
         # Params are immutable and hold the first command's --trials; a rerun may extend the study.
         update_run(t.uri, runs.parent.run_id, tags={"sweep.target": self.target})
@@ -404,104 +404,3 @@ class Sweep:
             self.runs.end_orphans(trials)
             self.runs.finish(plots, trials_csv(table))
         return SweepResult(self.name, self.target, table, best_row, self.ran, plots, notes, self.parent_id, elapsed)
-
-
-class _TrialHooks:
-    """Trainer callbacks of one trial: report the metric to Optuna each time it is logged (so the
-    pruner can stop the run), tag the training run with the trial, forward to a progress display."""
-
-    def __init__(self, sweep: Sweep, trial, retry_of: int | None, reported: set[int]):
-        self.sweep, self.trial, self.retry_of = sweep, trial, retry_of
-        self.reported = reported  # steps a resumed trial inherited: Optuna refuses them twice
-        self.inner = sweep.reporter.training(trial.number)
-        self.training_run = None
-        self.total_steps = None
-        self._checked = time.monotonic()
-
-    def on_start(self, start_step: int, total_steps: int, output_dir: Path) -> None:
-        self.total_steps = total_steps
-        run_id = self.training_run.state.get("run_id") if self.training_run is not None else None
-        if run_id and self.sweep.runs:
-            self.trial.set_user_attr("popo.mlflow_run_id", run_id)
-            tags = {"optuna.study": self.sweep.name, "optuna.trial_number": self.trial.number, "optuna.state": "RUNNING",
-                    "popo.sweep.knob": self.sweep.s.knob,
-                    **{f"optuna.param.{k}": v for k, v in self.trial.params.items()}}
-            if self.retry_of is not None:
-                tags["optuna.retry_of"] = self.retry_of
-            self.sweep.runs.tag_trial_run(run_id, tags, model=self.training_run.learner.model)
-        if self.inner:
-            self.inner.on_start(start_step, total_steps, output_dir)
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        if self.inner:
-            self.inner.on_step(step, metrics)
-        self._check_still_ours()
-        value = metrics.get(self.sweep.s.metric)
-        if value is None or not math.isfinite(float(value)) or step in self.reported:
-            return
-        self.trial.report(float(value), step)
-        self.reported.add(step)
-        # At the last step the run is done: its value is the trial's, nothing is left to save by stopping.
-        if step != self.total_steps and self.trial.should_prune():
-            import optuna
-
-            raise optuna.TrialPruned(f"{self.sweep.s.metric}={value:.4g} at step {step}")
-
-    def _check_still_ours(self) -> None:
-        """Once a heartbeat interval: stop (before this step's checkpoint) if another worker took
-        the trial over, so its retry alone writes the trial's directory."""
-        now = time.monotonic()
-        if now - self._checked < self.sweep.s.heartbeat_interval:
-            return
-        self._checked = now
-        if self.sweep.storage.get_trial(self.trial._trial_id).state.name == "FAIL":
-            raise TrialTakenOver(f"trial {self.trial.number} was marked failed by another worker")
-
-    def on_eval(self, step: int, accuracy: float) -> None:
-        if self.inner:
-            self.inner.on_eval(step, accuracy)
-
-    def on_resume(self, step: int, redone: range, last: dict[str, float]) -> None:
-        if self.inner and hasattr(self.inner, "on_resume"):
-            self.inner.on_resume(step, redone, last)
-
-    def close(self) -> None:
-        if self.inner is not None and hasattr(self.inner, "close"):
-            self.inner.close()
-
-
-def rows(trials, only: int | None = None) -> list[TrialRow]:
-    """Table rows of a study's trials, each with a note on retries, surplus and failures."""
-    retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
-    out = []
-    for t in trials:
-        if only is not None and t.number != only:
-            continue
-        note = ""
-        if t.user_attrs.get("popo.surplus"):
-            note = "not run: the study was full"
-        elif t.state.name == "FAIL":
-            cause = t.user_attrs.get("popo.error") or ("interrupted" if t.user_attrs.get("popo.interrupted")
-                                                       else "worker lost (heartbeat lapsed)")
-            note = cause + (f"; retried as trial {retried_as[t.number]}" if t.number in retried_as else "")
-        elif t.system_attrs.get("failed_trial") is not None:
-            note = f"retry of trial {t.system_attrs['retry_history'][-1]}"
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        out.append(TrialRow(t.number, t.state.name, dict(t.params), t.value, duration, t.user_attrs.get("popo.output_dir"), note))
-    return out
-
-
-def trials_csv(table: list[TrialRow]) -> str:
-    import csv
-    import io
-
-    names = list(dict.fromkeys(k for r in table for k in r.params))
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["number", "state", *names, "value", "duration_s", "output_dir", "note"])
-    for r in table:
-        writer.writerow([r.number, r.state, *(r.params.get(k, "") for k in names), "" if r.value is None else r.value,
-                         "" if r.duration_s is None else round(r.duration_s, 2), r.output_dir or "", r.note])
-    return buf.getvalue()
-
-

@@ -51,7 +51,9 @@ def finished_runs(root: Path) -> list[Path]:
 def test_search_spaces_are_named_by_their_knobs():
     from popo_core.sweep.space import knobs, load_space
 
-    assert knobs() == ["all", "clip", "momentum", "penalty"]
+    assert knobs() == ["all", "clip", "lr", "momentum", "penalty"]
+    (lr,) = load_space("lr")
+    assert (lr.name, lr.low, lr.high, lr.log) == ("optim.lr", 1e-5, 1e-3, True)
     (m,) = load_space("momentum")
     assert (m.name, m.low, m.high, m.log) == ("algo.momentum", 0.9, 0.999, False)
     (c,) = load_space("clip")
