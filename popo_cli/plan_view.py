@@ -58,7 +58,7 @@ def render(cfg, *, gpu_memory: Optional[float], world_size: int, prompt_tokens: 
     console.print(
         f"Qwen2 {arch.layers} layers, hidden {arch.hidden}, MLP {arch.intermediate}, {arch.heads} heads / "
         f"{arch.kv_heads} KV heads, vocab {arch.vocab}, {'tied' if arch.tied else 'untied'} embeddings. "
-        f"Micro-batch {this.micro_batch} completions of {this.prompt_tokens} prompt + {this.completion_tokens} "
+        f"Micro-batch {_micro(this)} of {this.prompt_tokens} prompt + {this.completion_tokens} "
         f"completion tokens{' (prompt length assumed; --prompt-tokens)' if cfg.data.task != 'tiny' else ''}; "
         f"{'16-bit' if compute_bytes(cfg) == 2 else 'fp32'} weights and activations; "
         f"sharded FSDP-style over {world_size} GPU(s). Formulas: docs/scaling.md.",
@@ -117,3 +117,9 @@ def preflight(cfg, gpu_memory: Optional[float], world_size: int = 1) -> None:
     fit = check_fit(cfg, gib, world_size)
     if not fit.fits:
         fail(fit.message(cfg.preset, gib))
+
+
+def _micro(plan) -> str:
+    if plan.micro_tokens is None:
+        return f"{plan.micro_batch:g} completions"
+    return f"{plan.micro_tokens:,} tokens (trainer.max_tokens_per_micro_batch: {plan.micro_batch:.2f} completions)"

@@ -16,6 +16,7 @@ from typing import Optional
 
 from popo_core.algo.choices import SPECS, method_name, needs_of
 from popo_core.config import Config, ConfigError
+from popo_core.trainer.packing import MICRO_BATCH_SIZE
 
 GIB = 2**30
 # Mirrors of the tiny builder (popo_core.model.loading, tested equal there), so planning needs no torch:
@@ -115,9 +116,10 @@ def prompt_tokens_of(cfg: Config) -> int:
     return MATH_PROMPT_TOKENS
 
 
-def saved_activation_bytes(arch: Arch, batch: int, prompt: int, completion: int, p: int,
+def saved_activation_bytes(arch: Arch, batch: float, prompt: int, completion: int, p: int,
                            checkpointing: bool) -> tuple[int, int]:
-    """(bytes the decoder stack saves for backward, bytes the LM head path saves) for one micro-batch.
+    """(bytes the decoder stack saves for backward, bytes the LM head path saves) for one micro-batch
+    of `batch` full-length sequences (under a token budget, the budget over a sequence's tokens).
 
     Counted tensor by tensor for transformers' Qwen2 with SDPA attention (docs/scaling.md): per token
     and layer, p * (6h + 2kv + 4f) for the normed inputs, q, k, v, the attention output and the four
@@ -135,13 +137,13 @@ def saved_activation_bytes(arch: Arch, batch: int, prompt: int, completion: int,
     # into the head, log-softmax (fp32), the tokens' index into it and targets (int64), the mask.
     n = batch * completion
     head = n * (8 + h * p + 4 * arch.vocab + 8 + 8 + 1)
-    return stack, head
+    return int(stack), int(head)
 
 
-def recompute_layer_bytes(arch: Arch, batch: int, seq: int, p: int) -> int:
+def recompute_layer_bytes(arch: Arch, batch: float, seq: int, p: int) -> int:
     """With checkpointing, backward re-runs one layer at a time and holds its saved tensors."""
     h, kv, f = arch.hidden, arch.kv_dim, arch.intermediate
-    return batch * seq * (p * (6 * h + 2 * kv + 4 * f) + 4 * (2 * h + 2 + arch.heads))
+    return int(batch * seq * (p * (6 * h + 2 * kv + 4 * f) + 4 * (2 * h + 2 + arch.heads)))
 
 
 @dataclass
@@ -156,8 +158,9 @@ class Plan:
     trainable: int
     prompt_tokens: int
     completion_tokens: int
-    micro_batch: int
+    micro_batch: float  # full-length sequences a micro-batch holds (under a token budget, a fraction may count)
     checkpointing: bool
+    micro_tokens: Optional[int] = None  # trainer.max_tokens_per_micro_batch, when micro-batches are counted in tokens
     memory: dict[str, int] = field(default_factory=dict)  # component -> bytes per GPU at the peak
     activations_other: int = 0  # activations with the other checkpointing setting (shown, not summed)
     train_peak: int = 0
@@ -207,11 +210,17 @@ def plan(cfg: Config, world_size: int = 1, *, gpu_memory_gib: float = 80.0,
     trainable = policy_trainable + predictor
     prompt = prompt_tokens if prompt_tokens is not None else prompt_tokens_of(cfg)
     completion, seq = r.max_new_tokens, prompt + r.max_new_tokens
-    micro = min(t.micro_batch_size, r.prompts_per_step * r.group_size)
     completions = r.prompts_per_step * r.group_size
+    if t.max_tokens_per_micro_batch is not None:
+        # By tokens: the budget holds this many full-length sequences (prompt + completion - 1 each),
+        # activations scale with the tokens, and the LM head's share is at most that of full ones.
+        micro = min(t.max_tokens_per_micro_batch / (seq - 1), completions)
+    else:
+        micro = min(t.micro_batch_size or MICRO_BATCH_SIZE, completions)
     ckpt = cfg.model.gradient_checkpointing
     N = world_size
-    out = Plan(cfg.preset, N, int(gpu_memory_gib * GIB), lora.rank, n_params, trainable, prompt, completion, micro, ckpt)
+    out = Plan(cfg.preset, N, int(gpu_memory_gib * GIB), lora.rank, n_params, trainable, prompt, completion, micro, ckpt,
+               micro_tokens=t.max_tokens_per_micro_batch)
 
     # Model state (sharded). Trainable parameters are kept in fp32 (master weights) when the
     # weights are 16-bit; LoRA adapters are fp32 (peft's default for a 16-bit base).
@@ -234,7 +243,7 @@ def plan(cfg: Config, world_size: int = 1, *, gpu_memory_gib: float = 80.0,
     out.activations_other = other + (0 if ckpt else recompute_layer_bytes(arch, micro, seq, p))
     # The head's fp32 logits: log-softmax saved (in `head`), plus at the backward peak the fp32
     # gradients of the logits and of the log-softmax (8 bytes a logit).
-    n_logits = micro * completion * arch.vocab
+    n_logits = int(micro * completion * arch.vocab)
     mem["LM-head logits"] = head + 8 * n_logits
     largest_unit = max(arch.layer_params(), arch.vocab * arch.hidden)
     mem["FSDP all-gather buffer"] = 2 * largest_unit * p if N > 1 else 0  # the unit in use and the next
@@ -346,7 +355,8 @@ class Fit:
         elif self.gpus_lora:
             hints.append(f"or {self.gpus_lora} GPUs with model.lora.rank={self.lora_rank}")
         if not hints:
-            hints.append("lower trainer.micro_batch_size or rollout.max_new_tokens, or set model.gradient_checkpointing=true")
+            hints.append("lower trainer.micro_batch_size (or trainer.max_tokens_per_micro_batch) or rollout.max_new_tokens, "
+                         "or set model.gradient_checkpointing=true")
         return f"{what}: {', '.join(hints)} (details: --dry-run)"
 
 
