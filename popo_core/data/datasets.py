@@ -30,15 +30,29 @@ class Problem:
     answer: str
 
 
-def render(template: str, problem: str) -> str:
+# `chat`: the tokenizer's own chat template (its default system prompt, if it has one) around one
+# user turn, the problem and this instruction, ending with the assistant's turn opened. (On
+# SmolLM2-135M, "Please reason step by step, and put ..." made sampled answers ramble past the
+# length limit more often.)
+CHAT = "chat"
+CHAT_INSTRUCTION = "Put the final answer in \\boxed{}."
+TEMPLATE_NAMES = (*TEMPLATES, CHAT)
+
+
+def render(template: str, problem: str, tokenizer=None) -> str:
+    if template == CHAT:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("model.template=chat: the tokenizer has no chat template (use plain or qwen-math)")
+        turn = [{"role": "user", "content": f"{problem}\n{CHAT_INSTRUCTION}"}]
+        return tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     if template not in TEMPLATES:
-        raise DataError(f"unknown prompt template {template!r} (choose from: {', '.join(TEMPLATES)})")
+        raise DataError(f"unknown prompt template {template!r} (choose from: {', '.join(TEMPLATE_NAMES)})")
     return TEMPLATES[template].format(problem=problem)
 
 
 def prompt_ids(tokenizer, template: str, problems: Sequence[Problem]) -> list[list[int]]:
     """Token ids of each problem's rendered prompt, in one batched tokenizer call."""
-    texts = [render(template, p.problem) for p in problems]
+    texts = [render(template, p.problem, tokenizer) for p in problems]
     return tokenizer(texts, add_special_tokens=False).input_ids if texts else []
 
 

@@ -8,6 +8,10 @@
   (`data.seed`, prompt) puts every prompt in one of three pools (held-out 10%, training 40%, the
   warm start's supervised examples 50%), so the sets are disjoint; each set is drawn from its pool
   by a stream seeded by `data.seed`, without repetition.
+- `sums`: the arith prompts asked as a question ("What is 3 + 7 + 5?"), answered in words with a
+  boxed final answer and graded by math-verify: for a chat model (SmolLM2-135M-Instruct starts at
+  about 0.2-0.35 sampled pass@1 on two terms; docs/smol.md). Same pools, so held-out and training
+  prompts are disjoint by construction.
 - `math`: problems with boxed answers from a file or the Hub, graded by math-verify.
 """
 
@@ -109,6 +113,19 @@ def arith_sft_examples(d, seed: int, run: int = 1) -> Iterator[tuple[str, str]]:
             yield p.problem, arith_trace(p.problem)
 
 
+# ---------------------------------------------------------------------------------- the sums task
+def as_question(p: Problem) -> Problem:
+    """An arith prompt asked in words: "3+7+5=" -> "What is 3 + 7 + 5?" (same answer)."""
+    text = "What is " + " + ".join(p.problem.rstrip("=").split("+")) + "?"
+    return Problem(text, text, p.answer)
+
+
+def sums_split(d) -> tuple[list[Problem], list[Problem]]:
+    """(train, held-out) sums prompts: the arith split of the same settings, asked in words."""
+    train, held_out = arith_split(d)
+    return [as_question(p) for p in train], [as_question(p) for p in held_out]
+
+
 # ---------------------------------------------------------------------------------- the registry
 def _tiny(d) -> tuple[list[Problem], list[Problem]]:
     return tiny_split(d.modulus, d.operands, seed=d.seed)
@@ -122,9 +139,11 @@ def _math(d) -> tuple[list[Problem], list[Problem]]:
 
 
 # name -> (DataConfig -> (train, held-out)); each name is also a `make_verifier` task.
-TASKS: dict[str, Callable] = {"tiny": _tiny, "math": _math, "arith": arith_split}
+TASKS: dict[str, Callable] = {"tiny": _tiny, "math": _math, "arith": arith_split, "sums": sums_split}
 # Tasks whose held-out prompts `popo eval --bench NAME` generates (no file, no Hub).
-SYNTHETIC = ("arith",)
+SYNTHETIC = ("arith", "sums")
+# Tasks whose prompts are drawn by the arith settings (data.min_terms, max_terms, max_operand, ...).
+ARITH_LIKE = ("arith", "sums")
 # Tasks that can write a supervised warm-up set: name -> (DataConfig, warmstart.seed, run) -> examples.
 SFT_EXAMPLES: dict[str, Callable] = {"arith": arith_sft_examples}
 
@@ -142,15 +161,15 @@ def eval_normalizer(data) -> str | None:
 
 
 def make_verifier(task: str, **kwargs):
-    """`tiny` -> exact match; `arith` -> exact final answer; `math` -> math-verify in a process pool
-    (popo_core.grading.math_grader)."""
+    """`tiny` -> exact match; `arith` -> exact final answer; `math` and `sums` -> math-verify in a
+    process pool (popo_core.grading.math_grader)."""
     from popo_core.grading.verifiers import ExactMatch, FinalAnswer
 
     if task == "tiny":
         return ExactMatch()
     if task == "arith":
         return FinalAnswer()
-    if task == "math":
+    if task in ("math", "sums"):
         from popo_core.grading.math_grader import MathVerifier
 
         return MathVerifier(**kwargs)

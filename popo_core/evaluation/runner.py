@@ -14,7 +14,7 @@ from typing import Callable
 
 from popo_core.evaluation import suite as bm
 from popo_core.evaluation import synthetic
-from popo_core.data.datasets import TEMPLATES, Problem
+from popo_core.data.datasets import TEMPLATE_NAMES, Problem
 from popo_core.errors import ConfigError, DataError, ModelLoadError
 from popo_core.evaluation.metrics import BenchmarkSummary, EvalReport, evaluate_problems, grade_responses, summarize
 from popo_core.grading.math_grader import EXTRACTION, MathVerifier
@@ -81,8 +81,8 @@ def validate(s: EvalSettings) -> None:
         raise ConfigError(f"--workers {s.workers}: must be >= 0 (0: grade in this process)")
     if s.timeout < 1:
         raise ConfigError(f"--timeout {s.timeout}: must be a whole number of seconds >= 1")
-    if s.template is not None and s.template not in TEMPLATES:
-        raise ConfigError(f"--template {s.template}: unknown (choose from: {', '.join(TEMPLATES)})")
+    if s.template is not None and s.template not in TEMPLATE_NAMES:
+        raise ConfigError(f"--template {s.template}: unknown (choose from: {', '.join(TEMPLATE_NAMES)})")
     if s.engine not in ("hf", "vllm"):
         raise ConfigError(f"--engine {s.engine}: must be hf or vllm")
     if s.tensor_parallel_size < 1:

