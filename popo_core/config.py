@@ -356,7 +356,7 @@ def validate(cfg: Config) -> None:
     if d.task == "tiny":
         _check(d.modulus >= 2, "data.modulus", d.modulus, "must be >= 2")
         _check(d.operands >= 1, "data.operands", d.operands, "must be >= 1")
-    elif d.task == "arith":
+    elif d.task in ("arith", "sums"):  # data.tasks.ARITH_LIKE
         validate_arith(d)
     else:
         _check(bool(d.path), "data.path", d.path,
@@ -366,6 +366,10 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.model)
     if cfg.model.name_or_path == "warmstart":
         _validate_warmstart(cfg)
+    elif cfg.model.name_or_path.startswith("pypi:"):  # popo_core.model.packaged (torch-free)
+        from popo_core.model.packaged import lookup
+
+        lookup(cfg.model.name_or_path)
     elif cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
         if not Path(cfg.model.name_or_path).exists():
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: directory not found")
