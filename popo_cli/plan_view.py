@@ -99,6 +99,11 @@ def render(cfg, *, gpu_memory: Optional[float], world_size: int, prompt_tokens: 
                   markup=False)
     for note in this.notes:
         console.print(f"note: {note}", markup=False)
+    from popo_core.trainer.sizing import recommended_commands
+
+    for line in recommended_commands(cfg, gib, prompt_tokens=prompt_tokens):
+        console.print(f"recommended ({'not yet run on a GPU' if cfg.model.name_or_path != 'tiny' else 'tiny'}): {line}",
+                      markup=False)
 
 
 def preflight(cfg, gpu_memory: Optional[float], world_size: int = 1) -> None:

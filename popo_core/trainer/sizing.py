@@ -167,6 +167,7 @@ class Plan:
     generate_peak: int = 0
     peak: int = 0
     vllm_kv_bytes: Optional[int] = None  # KV cache left in vLLM's share after its weights
+    vllm_weight_bytes: Optional[int] = None  # the engine's own weights on this GPU (1/k with tensor parallel k)
     kv_bytes_per_token: int = 0
     kv_needed_bytes: int = 0  # KV cache for the whole rollout batch at full length at once
     flops: dict[str, float] = field(default_factory=dict)
@@ -252,9 +253,14 @@ def plan(cfg: Config, world_size: int = 1, *, gpu_memory_gib: float = 80.0,
     out.kv_bytes_per_token = 2 * arch.layers * arch.kv_dim * p  # K and V of every layer
     out.kv_needed_bytes = completions * seq * out.kv_bytes_per_token
     if r.engine == "vllm":
+        # Colocated: one engine per GPU (per k GPUs with rollout.tensor_parallel_size=k), inside its
+        # share: its weights (1/k of them) first, the KV cache in what is left.
         share = int(r.gpu_memory_utilization * out.gpu_bytes)
         mem["vLLM (gpu_memory_utilization share)"] = share
-        out.vllm_kv_bytes = share - n_params * p  # vLLM's own full copy of the weights comes first
+        out.vllm_weight_bytes = n_params * p // r.tensor_parallel_size
+        out.vllm_kv_bytes = share - out.vllm_weight_bytes
+        # A push gathers one layer at a time from the fp32 shards while vLLM loads it (rollout/colocate.py).
+        mem["vLLM weight push (one layer, fp32)"] = 4 * largest_unit if N > 1 else 0
         mem["HF generate KV cache"] = 0
     else:
         batch = min(completions, HF_GENERATE_BATCH)
@@ -262,11 +268,13 @@ def plan(cfg: Config, world_size: int = 1, *, gpu_memory_gib: float = 80.0,
         mem["HF generate KV cache"] = batch * seq * out.kv_bytes_per_token + 2 * batch * arch.vocab * 4
     mem["CUDA context and workspace"] = OVERHEAD_BYTES
 
+    push = mem.get("vLLM weight push (one layer, fp32)", 0)
     persistent = sum(v for k, v in mem.items() if k not in
-                     ("gradients (fp32)", "activations", "LM-head logits", "FSDP all-gather buffer", "HF generate KV cache"))
+                     ("gradients (fp32)", "activations", "LM-head logits", "FSDP all-gather buffer", "HF generate KV cache",
+                      "vLLM weight push (one layer, fp32)"))
     out.train_peak = persistent + mem["gradients (fp32)"] + mem["activations"] + mem["LM-head logits"] \
         + mem["FSDP all-gather buffer"]
-    out.generate_peak = persistent + mem["HF generate KV cache"] + mem["FSDP all-gather buffer"]
+    out.generate_peak = persistent + mem["HF generate KV cache"] + max(mem["FSDP all-gather buffer"], push)
     out.peak = max(out.train_peak, out.generate_peak)
     out.flops = step_flops(cfg, arch, prompt)
     _add_notes(out, cfg, arch, seq)
@@ -323,8 +331,30 @@ def _add_notes(out: Plan, cfg: Config, arch: Arch, seq: int) -> None:
         out.notes.append("rollout.gpu_memory_utilization leaves vLLM no room for its KV cache after its weights")
     elif out.vllm_kv_bytes is not None:
         seqs = out.vllm_kv_bytes // (seq * out.kv_bytes_per_token)
-        out.notes.append(f"vLLM's KV cache holds about {seqs} full-length sequences at once "
-                         f"(the rollout batch is {cfg.rollout.prompts_per_step * cfg.rollout.group_size}; vLLM queues the rest)")
+        k = cfg.rollout.tensor_parallel_size
+        engines = max(out.world_size // k, 1)
+        where = f"each of the {engines} engines (one per {'GPU' if k == 1 else f'{k} GPUs'})" if out.world_size > 1 \
+            else "vLLM"
+        out.notes.append(f"{where}: weights {out.vllm_weight_bytes / GIB:.2f} GiB and KV cache "
+                         f"{out.vllm_kv_bytes / GIB:.2f} GiB per GPU, about {seqs * k} full-length sequences at once "
+                         f"(the rollout batch is {cfg.rollout.prompts_per_step * cfg.rollout.group_size}, "
+                         f"{-(-cfg.rollout.prompts_per_step * cfg.rollout.group_size // engines)} per engine; vLLM queues the rest)")
+
+
+def recommended_commands(cfg: Config, gpu_memory_gib: float, *, prompt_tokens: Optional[int] = None) -> list[str]:
+    """The commands the plan recommends: full fine-tuning on the smallest power of two of GPUs that
+    fits (torchrun, FSDP2, one colocated vLLM engine per GPU), and LoRA on one GPU when it fits
+    there (LoRA is not supported under FSDP). Not yet run on a GPU (docs/scaling.md)."""
+    lines = []
+    full = min_gpus(with_lora(cfg, 0), gpu_memory_gib, prompt_tokens=prompt_tokens)
+    if full:
+        n = 1 << (full - 1).bit_length()
+        launch = f"torchrun --nproc-per-node {n} -m popo_cli train" if n > 1 else "popo train"
+        lines.append(f"full fine-tuning on {n} x {gpu_memory_gib:.0f} GiB GPUs: {launch} {cfg.preset}")
+    rank = cfg.model.lora.rank or LORA_HINT_RANK
+    if plan(with_lora(cfg, rank), 1, gpu_memory_gib=gpu_memory_gib, prompt_tokens=prompt_tokens).fits:
+        lines.append(f"LoRA on 1 x {gpu_memory_gib:.0f} GiB GPU: popo train {cfg.preset} model.lora.rank={rank}")
+    return lines
 
 
 def min_gpus(cfg: Config, gpu_memory_gib: float, *, max_gpus: int = 512, prompt_tokens: Optional[int] = None) -> Optional[int]:
