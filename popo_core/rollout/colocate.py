@@ -49,12 +49,14 @@ def gathered(named: Iterable[tuple[str, object]], stats: PushStats) -> Iterator[
     A gathered tensor is counted alive until it is freed (the loader copies it into its layer and
     drops it), so `stats.peak_bytes` is what the push held whole at once. A tensor that is not
     sharded is passed as it is (nothing gathered, nothing counted)."""
-    from popo_core.trainer.distributed import full
+    import torch
+
+    from popo_core.trainer import distributed
 
     for name, tensor in named:
-        whole = full(tensor)
+        with torch.no_grad():
+            whole = distributed.full(tensor)  # the very tensor vLLM gets (no detached view to outlive it)
         sharded = whole is not tensor
-        whole = whole.detach()
         stats.tensors += 1
         size = whole.numel() * whole.element_size()
         stats.total_bytes += size
