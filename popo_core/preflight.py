@@ -28,15 +28,22 @@ def output_dir(path: str | Path, key: str = "trainer.output_dir") -> None:
     parent = missing[-1].parent
     if not parent.is_dir():
         raise ConfigError(f"{key}={path}: {parent} is not a directory")
+    made = []  # only what this call created is removed: a concurrent command may be making the same folders
     try:  # the one sure test (permissions, read-only or virtual file systems): create it, then remove it
         for folder in reversed(missing):
-            folder.mkdir()
+            try:
+                folder.mkdir()
+                made.append(folder)
+            except FileExistsError:  # another process made it meanwhile: its parent is writable
+                pass
     except OSError as err:
         raise ConfigError(f"{key}={path}: cannot create it ({err.strerror})") from None
     finally:
-        for folder in missing:
-            if folder.exists():
+        for folder in reversed(made):
+            try:
                 folder.rmdir()
+            except OSError:  # gone already, or another process put something in it
+                pass
 
 
 def device(name: str, key: str = "trainer.device") -> None:
