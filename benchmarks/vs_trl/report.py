@@ -146,6 +146,9 @@ def reached(values: list, digits: int = 0) -> str:
     return text + ("" if len(got) == len(values) else f" ({len(got)}/{len(values)} seeds)")
 
 
+KEPT = "<!-- kept when benchmarks/vs_trl rewrites this file -->"
+
+
 def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict) -> None:
     runs = load_runs(out)
     img = results.parent / "img"
@@ -220,7 +223,10 @@ def write_report(out: Path, results: Path, shapes, lrs: list[float], meta: dict)
         tta = time_to_accuracy_png(runs, learning, all_lrs, img)
         lines += ["## Time to accuracy", "", f"![wall time to held-out accuracy 0.5 and 0.9](img/{tta.name})", ""]
     lines += ["## What still differs", "", DIFFERENCES]
-    results.write_text("\n".join(lines) + "\n")
+    # Sections other benchmarks append after KEPT (benchmarks/packing.py's) survive a rewrite.
+    old = results.read_text() if results.exists() else ""
+    kept = old[old.index(KEPT):].rstrip("\n").split("\n") if KEPT in old else []
+    results.write_text("\n".join(lines + ([""] + kept if kept else [])) + "\n")
     print(f"wrote {results}")
     for shape, r in summary:
         print(f"{shape.name}: step time popo/TRL (median, mean): POPO {r[('popo', 'popo')][0]:.2f}x {r[('popo', 'popo')][1]:.2f}x,"

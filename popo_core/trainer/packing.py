@@ -98,6 +98,9 @@ def place(lengths: Sequence[int], packing: Packing) -> Optional[Placement]:
     if longest > capacity:
         raise ConfigError(f"trainer.max_tokens_per_row={capacity}: smaller than the longest sequence "
                           f"({longest} tokens, prompt + completion)")
+    shortest = sorted(lengths)[:2]
+    if not packing.always and (len(lengths) < 2 or sum(shortest) > capacity):
+        return None  # no two sequences share a row: packing would be padding (equal lengths, the tiny task)
     rows = first_fit_decreasing(lengths, capacity)
     width = max(sum(lengths[i] for i in row) for row in rows)  # the fullest row
     if not packing.always and len(rows) * width >= padded:

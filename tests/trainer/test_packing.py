@@ -295,3 +295,26 @@ def test_micro_batches_by_tokens_give_the_same_step(tmp_path):
                 want_sums["loss/policy"] + want_sums["penalty"], rel=1e-9)
             for a, b in zip(g, want_g):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7 * float(b.abs().max()))
+
+
+# ------------------------------------------------------------------------------ the settings
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.max_tokens_per_micro_batch=64", "trainer.micro_batch_size=8"], "set one of them"),
+    (["rollout.max_new_tokens=12", "trainer.max_tokens_per_micro_batch=10"],
+     r"max_tokens_per_micro_batch=10: smaller than the longest sequence \(15 tokens"),
+    (["rollout.max_new_tokens=12", "trainer.max_tokens_per_row=10"], r"max_tokens_per_row=10: smaller than the longest"),
+    (["trainer.packing=true", "model.attn_implementation=flex_attention"], "cannot pack"),
+    (["trainer.packing=auto"], "trainer.packing"),
+    (["trainer.packing=false", "trainer.max_tokens_per_row=64"], "needs trainer.packing true or null"),
+])
+def test_bad_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        compose("tiny", overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_the_learner_packs_as_configured(tmp_path):
+    cfg = compose("tiny", [f"trainer.output_dir={tmp_path}", "tracking.enabled=false",
+                           "trainer.max_tokens_per_micro_batch=64"])
+    learner, _, _ = build(cfg)
+    assert learner.packing == P.Packing("mask") and learner.max_tokens_per_micro_batch == 64
