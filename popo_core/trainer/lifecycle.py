@@ -19,7 +19,7 @@ from popo_core.config import Config, ConfigError, to_flat_dict, to_yaml
 
 # Settings a resumed run may change: budget, cadence and where things are logged.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.eval_every", "trainer.save_every", "trainer.diagnostics_every",
-                     "trainer.threads", "trainer.device", "trainer.resume", "trainer.output_dir")
+                     "trainer.threads", "trainer.device", "trainer.resume", "trainer.output_dir", "rollout.threads")
 HISTORY_KEYS = ("reward/mean", "eval/accuracy")  # kept in the checkpoint for curves and summaries
 
 
@@ -73,6 +73,7 @@ class TrainingRun:
         self.ranks.barrier()  # every rank has looked before rank 0 writes anything
         self.state: dict[str, Any] = {"step": 0, "run_id": None, "history": [], "counters": {}}
         self._mlflow = None
+        self.held: dict = {}  # the restored checkpoint's in-flight batches (RolloutSource.held)
         self._mlflow_has = -1  # the last step MLflow already holds (-1: none)
         self._log = None
 
@@ -126,6 +127,9 @@ class TrainingRun:
             restored = checkpoint.restore_sharded(out, ranks=self.ranks, **kwargs) if self.ranks.distributed \
                 else checkpoint.restore(out, **kwargs)
             self.state.update(restored)
+            from popo_core.rollout.source import from_json
+
+            self.held = from_json(checkpoint.load_rollouts(out))
             for k, v in self.state.get("counters", {}).items():
                 setattr(learner.counters, k, v)
         self.state["config"] = to_flat_dict(cfg)
@@ -196,7 +200,10 @@ class TrainingRun:
     def save_due(self, step: int) -> bool:
         return step % self.cfg.trainer.save_every == 0 or step == self.cfg.trainer.max_steps
 
-    def save(self) -> None:
+    def save(self, held: dict | None = None) -> None:
+        """Checkpoint; `held`: the rollout source's batches sampled from older weights (RolloutSource.held)."""
+        from popo_core.rollout.source import to_json
+
         learner = self.learner
         if self._mlflow is not None:  # MLflow holds every step up to the checkpoint a resume starts from
             self._mlflow.flush()
@@ -209,7 +216,8 @@ class TrainingRun:
             return
         checkpoint.save(self.output_dir, model=learner.model, tokenizer=self.tokenizer, optimizer=learner.optimizer,
                         scheduler=learner.scheduler, state=self.state, momentum=learner.momentum,
-                        predictor=learner.predictor, base_name=self.cfg.model.name_or_path)
+                        predictor=learner.predictor, base_name=self.cfg.model.name_or_path,
+                        rollouts=to_json(held or {}))
         self.saved_step = self.state["step"]
 
     def finish(self, metrics: dict[str, float]) -> TrainResult:

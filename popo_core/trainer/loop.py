@@ -6,6 +6,7 @@ directory, resume, MLflow and the result files; this module builds the networks 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -28,6 +29,7 @@ from popo_core.grading.verifiers import grade_counts
 from popo_core.rollout import Rollouts, make_engine
 from popo_core.rollout.colocate import check_groups
 from popo_core.rollout.sampling import prompt_keys
+from popo_core.rollout.source import Request, rollout_source
 from popo_core.rollout.sharded import ShardedEngine
 from popo_core.trainer.lifecycle import Callbacks, TrainingRun, TrainResult
 from popo_core.algo.siamese import Predictor
@@ -45,29 +47,29 @@ def train(cfg: Config, callbacks: Callbacks | None = None, run: TrainingRun | No
     train_set, eval_set = load_task(cfg)
     verifier = make_verifier(cfg.data.task)
     metrics: dict[str, float] = {}
-    with run.open(learner, tokenizer):  # restores a resumed run's weights: the sampler gets them too
-        engine.sync_weights(learner.model)
+    requests = functools.partial(step_request, cfg, tokenizer, train_set)
+    with run.open(learner, tokenizer), contextlib.closing(rollout_source(cfg, engine, learner, tokenizer, requests)) as source:
+        source.start(run.state["step"], learner.model, run.held)  # a resumed run's weights (and in-flight batches)
         if run.state["step"] == 0 and eval_set:
             run.log(0, evaluate(engine, tokenizer, eval_set, verifier, cfg, learner))
         for step in run.steps():
             start = time.perf_counter()
             problems = prompt_batch(train_set, step, r.prompts_per_step, cfg.trainer.seed)
-            with learner.autocast():  # sampling: a function of (seed, step, prompt, sample), whatever the batch
-                rollouts = engine.generate(prompt_ids(tokenizer, cfg.model.template, problems), n=r.group_size,
-                                           temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                           seeds=prompt_keys(cfg.trainer.seed, step, 0, len(problems)))
+            rollouts = source.next(step)  # sampled from the weights after step max(0, step - 1 - max_staleness)
             generated = time.perf_counter()
             grades = verifier(rollouts.texts, [problems[g].answer for g in rollouts.group_ids])
             rewards = torch.tensor([float(g.correct) for g in grades], device=learner.device)
             graded = time.perf_counter()
             metrics = update(learner, Batch.of(rollouts, rewards), cfg, step)
-            engine.sync_weights(learner.model)
-            metrics |= rollout_metrics(rollouts, rewards, grades, r.group_size, start, generated, graded)
+            source.push(step, learner.model)
+            end = time.perf_counter()
+            metrics |= rollout_metrics(rollouts, rewards, grades, r.group_size, step,
+                                       {"grade_s": graded - generated, "update_s": end - graded, "step_s": end - start})
             if eval_set and run.eval_due(step):
                 metrics |= evaluate(engine, tokenizer, eval_set, verifier, cfg, learner)
             run.log(step, metrics)
             if run.save_due(step):
-                run.save()
+                run.save(source.held())
         result = run.finish(metrics)
     if isinstance(engine, ShardedEngine):
         engine.close()  # vLLM's, now, while the trainer's process group is still there (colocate.shutdown)
@@ -138,6 +140,13 @@ def build(cfg: Config):
     return learner, tokenizer, engine
 
 
+def step_request(cfg: Config, tokenizer, problems: list[Problem], step: int) -> Request:
+    """The prompts of `step`'s batch and their sampling keys."""
+    r, seed = cfg.rollout, cfg.trainer.seed
+    batch = prompt_batch(problems, step, r.prompts_per_step, seed)
+    return Request(prompt_ids(tokenizer, cfg.model.template, batch), prompt_keys(seed, step, 0, len(batch)))
+
+
 def prompt_batch(problems: list[Problem], step: int, size: int, seed: int) -> list[Problem]:
     """Prompts of a step: epochs of seeded permutations, a pure function of (seed, step) so a
     resumed run continues the same sequence."""
@@ -175,13 +184,16 @@ def evaluate(engine, tokenizer, problems: list[Problem], verifier, cfg: Config, 
     return out
 
 
-def rollout_metrics(rollouts: Rollouts, rewards: torch.Tensor, grades, group_size: int, start: float, generated: float,
-                    graded: float) -> dict[str, float]:
-    end = time.perf_counter()
+def rollout_metrics(rollouts: Rollouts, rewards: torch.Tensor, grades, group_size: int, step: int,
+                    times: dict[str, float]) -> dict[str, float]:
+    """The batch's numbers and the step's times: generate_s is the sampler's, wait_s the trainer's
+    wait for the batch (the same in the synchronous loop), step_s the step's wall time from asking for
+    the batch to the pushed weights (between two steps, logging, evaluations and checkpoints only)."""
     groups = torch.tensor(rollouts.group_ids)
     per_group = torch.zeros(int(groups.max()) + 1).index_add(0, groups, rewards.cpu())
     n_tokens = sum(len(c) for c in rollouts.completion_ids)
     counts = grade_counts(grades)
+    meta = rollouts.meta
     return {
         "reward/mean": float(rewards.mean()),
         "positives/fraction": float((rewards > 0.5).float().mean()),
@@ -191,11 +203,11 @@ def rollout_metrics(rollouts: Rollouts, rewards: torch.Tensor, grades, group_siz
         "completion/truncated_fraction": sum(rollouts.truncated) / len(rollouts),
         # The step's completions (tokens, in batch order) in one number: equal runs sampled the same.
         "completion/crc32": float(zlib.crc32(json.dumps(rollouts.completion_ids).encode())),
+        "rollout/staleness": float(step - 1 - meta["policy_version"]),  # updates between sampler and learner
         "grading/timeouts": counts["timeout"],
         "grading/errors": counts["error"],
-        "throughput/tokens_per_s": n_tokens / (end - start),
-        "time/generate_s": generated - start,
-        "time/grade_s": graded - generated,
-        "time/update_s": end - graded,
-        "time/step_s": end - start,
+        "throughput/tokens_per_s": n_tokens / times["step_s"],
+        "time/generate_s": meta["generate_s"],
+        "time/wait_s": meta["wait_s"],
+        **{f"time/{k}": v for k, v in times.items()},
     }

@@ -1,0 +1,96 @@
+"""The off-policy sampler process (popo_core/rollout/sampler.py) through the RolloutSource seam: each
+step's batch is sampled from exactly the weights after step t - 1 - s (the ones a test pushed, read
+back by the completions themselves), a batch the checkpoint must hold is handed over, and a dead
+sampler is an error within seconds. (Whole runs: tests/trainer/test_off_policy.py.)"""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from popo_core.config import ModelConfig
+from popo_core.model.loading import load_model_and_tokenizer
+from popo_core.rollout.hf import HFEngine
+from popo_core.rollout.sampler import SamplerError, SamplerProcess
+from popo_core.rollout.sampling import prompt_keys
+from popo_core.rollout.source import Request, Sampling, policy_version
+
+SAMPLING = Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=3)
+
+
+def request(step: int) -> Request:
+    return Request([[3, 4, 5], [6, 7], [8, 9, 10, 11]], prompt_keys(0, step, 0, 3))
+
+
+def perturbed(model, version: int) -> None:
+    """The weights 'after update `version`': far enough apart that each version samples its own completions."""
+    torch.manual_seed(1000 + version)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+
+
+@pytest.fixture
+def tiny():
+    torch.set_num_threads(1)
+    return load_model_and_tokenizer(ModelConfig(), device=torch.device("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("staleness", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_each_batch_comes_from_exactly_the_weights_after_step_t_minus_1_minus_s(tiny, staleness):
+    model, tokenizer = tiny
+    snapshots = {0: {k: v.clone() for k, v in model.state_dict().items()}}
+    source = SamplerProcess(model, tokenizer, request, SAMPLING, staleness=staleness, threads=1,
+                            compute_dtype=torch.float32)
+    reference = HFEngine(load_model_and_tokenizer(ModelConfig(), device=torch.device("cpu"))[0], tokenizer)
+    try:
+        source.start(0, model, {})
+        for step in range(1, 7):
+            out = source.next(step)
+            version = policy_version(step, staleness)
+            assert version == max(0, step - 1 - staleness)
+            assert out.meta["policy_version"] == version, step  # the version the sampler read beside the weights
+            reference.model.load_state_dict(snapshots[version])  # ... and the completions are those weights'
+            again = reference.generate(request(step).prompt_ids, seeds=request(step).seeds, **SAMPLING.kwargs())
+            assert out.completion_ids == again.completion_ids, step
+            torch.testing.assert_close(torch.tensor(sum(out.logprobs, [])), torch.tensor(sum(again.logprobs, [])))
+            perturbed(model, step)  # "the update"
+            snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            source.push(step, model)
+            if step == 4:  # a checkpoint now holds the batches sampled from weights older than step 4's
+                held = source.held()
+                assert sorted(held) == list(range(5, 5 + staleness))
+                assert all(held[b].meta["policy_version"] < 4 for b in held)
+    finally:
+        source.close()
+    assert not source.process.is_alive()
+
+
+def test_a_dead_sampler_is_an_error_within_seconds(tiny):
+    model, tokenizer = tiny
+    source = SamplerProcess(model, tokenizer, request, SAMPLING, staleness=1, threads=1, compute_dtype=torch.float32,
+                            poll_s=0.2)
+    try:
+        source.start(0, model, {})
+        os.kill(source.process.pid, signal.SIGKILL)  # out of memory, say
+        source.process.join(timeout=10)
+        begin = time.perf_counter()
+        with pytest.raises(SamplerError, match=r"the sampler process died \(exit code -9\)"):
+            source.next(1)
+        assert time.perf_counter() - begin < 5
+    finally:
+        source.close()
+
+
+def test_a_failing_sampler_names_its_error(tiny):
+    model, tokenizer = tiny
+    bad = lambda step: Request([[3, 10**9]], [1])  # noqa: E731 - a token id outside the vocabulary
+    source = SamplerProcess(model, tokenizer, bad, SAMPLING, staleness=1, threads=1, compute_dtype=torch.float32)
+    try:
+        source.start(0, model, {})
+        with pytest.raises(SamplerError, match="the sampler failed on the batch of step 1: "):
+            source.next(1)
+    finally:
+        source.close()
