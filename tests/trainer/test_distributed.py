@@ -89,6 +89,22 @@ def test_one_and_two_processes_give_the_same_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_token_budget_micro_batches_shared_by_tokens_give_the_same_run(tmp_path):
+    """trainer.max_tokens_per_micro_batch: the rows shared among 2 ranks by tokens, as many
+    micro-batches on each, give the 1-process run (popo_core/trainer/packing.py)."""
+    budget = ["trainer.max_steps=3", "trainer.micro_batch_size=null", "trainer.max_tokens_per_micro_batch=40"]
+    launch(tmp_path / "one", 1, *budget)
+    launch(tmp_path / "two", 2, *budget)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
+    for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        for key in ("loss/policy", "grad/norm", "train/forward_tokens", "train/padded_tokens"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
+
+
+@pytest.mark.slow
 def test_two_rank_run_killed_with_sigkill_resumes_exactly(tmp_path):
     launch(tmp_path / "straight", 2, "trainer.max_steps=6")
     out = tmp_path / "killed"
