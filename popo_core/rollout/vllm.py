@@ -198,6 +198,23 @@ def engine_threads(on_cpu: bool) -> Iterator[None]:
         torch._C.set_num_threads(threads)
 
 
+def cpu_model_len(config, kv_cache_bytes: int, dtype: str) -> int | None:
+    """The longest context a CPU engine's KV cache holds (None: the model's own limit fits), with a
+    tenth to spare (vLLM keeps some for itself) and rounded down to 128 tokens: SmolLM2's 8,192 need
+    0.35 GiB in fp32, the default cache is CPU_KV_CACHE_BYTES (rollout.kv_cache_memory_bytes or
+    rollout.max_model_len change it)."""
+    import torch
+
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * getattr(torch, dtype).itemsize
+    fits = int(0.9 * kv_cache_bytes) // per_token // 128 * 128
+    limit = getattr(text, "max_position_embeddings", None)
+    return None if limit is None or limit <= fits else int(fits)
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -246,8 +263,13 @@ class VLLMEngine:
         config.save_pretrained(self._config_dir.name)
         dtype = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
         self.on_cpu = on_cpu
+        # Tensor parallel outside torchrun runs its workers in other processes: what a push hands
+        # them is pickled, so a stream of gathered tensors must become a list (nothing is sharded there).
+        self._workers_in_process = colocated or tensor_parallel_size == 1
         if on_cpu:
             _check_cpu_head_size(config, keys)
+            if max_model_len is None:  # vLLM would refuse a long context whose KV cache does not fit
+                max_model_len = cpu_model_len(config, kv_cache_memory_bytes, dtype)
         from popo_core.rollout.colocate import PushStats, launcher_args
 
         self.push_stats = PushStats()
@@ -307,7 +329,8 @@ class VLLMEngine:
             try:
                 self._wake_up("weights")
                 with engine_threads(self.on_cpu), _no_autocast():
-                    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+                    weights = pairs if self._workers_in_process else list(pairs)
+                    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
                 if drain(pairs):
                     raise RuntimeError("vLLM's loader stopped before the last tensor")
                 if not self.llm.reset_prefix_cache():
