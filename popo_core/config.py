@@ -26,9 +26,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class ArchConfig:
-    """A Qwen2 architecture's numbers, from the model's config.json, so `popo train --dry-run` plans
-    memory and FLOPs without a download. None: unknown. The tiny model ignores these: its
-    architecture follows model.hidden_size, model.num_layers, model.num_heads, model.tie_embeddings."""
+    """A Qwen2 or Llama architecture's numbers, from the model's config.json, so `popo train
+    --dry-run` plans memory and FLOPs without a download. None: unknown. The tiny model ignores
+    these: its architecture follows model.hidden_size, model.num_layers, model.num_heads,
+    model.tie_embeddings."""
 
     hidden_size: Optional[int] = None
     intermediate_size: Optional[int] = None
@@ -38,6 +39,7 @@ class ArchConfig:
     vocab_size: Optional[int] = None
     tie_embeddings: Optional[bool] = None  # tie_word_embeddings
     max_position_embeddings: Optional[int] = None
+    attention_bias: bool = True  # biases on q, k and v: Qwen2 has them, Llama ("attention_bias": false) not
 
 
 @dataclass

@@ -146,9 +146,7 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
 
 
 def _say_converting(path: Path) -> None:
-    import sys
-
-    print(f"popo: converting the packaged model once into {path} (about 30 s)", file=sys.stderr, flush=True)
+    print(f"converting the packaged model once into {path} (about 30 s)", flush=True)
 
 
 BASE_DIR = "base"  # a LoRA run of a locally built model keeps its frozen base beside the adapter

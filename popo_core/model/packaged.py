@@ -134,9 +134,9 @@ def read_gguf(source: Path):
     from transformers.utils import logging as hf_logging
 
     directory, name = str(source.parent), source.name
-    previous = hf_logging.get_verbosity()
+    previous, bars = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's own progress bar (plain tqdm)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
@@ -145,7 +145,10 @@ def read_gguf(source: Path):
         raise ModelLoadError(f"cannot read {source} (corrupt or truncated GGUF file?): {first_line(err)}") from None
     finally:
         hf_logging.set_verbosity(previous)
-        hf_logging.enable_progress_bar()
+        if bars is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = bars
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32

@@ -40,6 +40,7 @@ class Arch:
     vocab: int
     tied: bool
     max_positions: Optional[int] = None
+    qkv_bias: bool = True  # Qwen2's; Llama has none
 
     @property
     def head_dim(self) -> int:
@@ -56,9 +57,10 @@ class Arch:
                 "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
 
     def layer_params(self) -> int:
-        # Qwen2: biases on q, k and v only; two RMSNorm weight vectors per layer.
+        # Qwen2: biases on q, k and v only (Llama: none); two RMSNorm weight vectors per layer.
         linear = sum(i * o for i, o in self.module_shapes().values())
-        return linear + self.hidden + 2 * self.kv_dim + 2 * self.hidden
+        bias = self.hidden + 2 * self.kv_dim if self.qkv_bias else 0
+        return linear + bias + 2 * self.hidden
 
     def linear_params(self) -> int:
         """Weights that multiply activations in the decoder stack (for FLOPs): no biases or norms."""
@@ -90,7 +92,7 @@ def arch_of(cfg: Config) -> Arch:
         raise ConfigError(f"model.arch.{missing[0]} is not set: the plan needs the architecture numbers of "
                           f"{m.name_or_path} (its config.json) as model.arch.* overrides")
     return Arch(a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.vocab_size,
-                a.tie_embeddings, a.max_position_embeddings)
+                a.tie_embeddings, a.max_position_embeddings, a.attention_bias)
 
 
 def has_arch(cfg: Config) -> bool:
