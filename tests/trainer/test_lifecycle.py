@@ -71,7 +71,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
     """config.yaml and metrics.jsonl alone: the run starts again from step 1 and its old metrics go."""
     cfg = config(tmp_path)
     write_metrics(tmp_path / "run", [0, 1, 2])
-    (tmp_path / "run" / "config.yaml").write_text("stale: true\n")
+    (tmp_path / "run" / "config.yaml").write_text("left_from_before: true\n")
     run = TrainingRun(cfg)
     assert not run.resuming and list(run.redone) == []
     learner, tokenizer, _ = build(cfg)
@@ -79,7 +79,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
         assert logged_steps(tmp_path / "run") == []
         run.log(1, {"reward/mean": 0.5})
     assert logged_steps(tmp_path / "run") == [1]
-    assert "stale" not in (tmp_path / "run" / "config.yaml").read_text()
+    assert "left_from_before" not in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_a_run_killed_while_writing_its_first_checkpoint_starts_afresh(tmp_path):
@@ -112,7 +112,8 @@ def test_a_run_with_other_settings_is_refused_naming_the_key(tmp_path, key, save
 # A value differing from config()'s for every setting a resumed run may change, and for tracking.*.
 CHANGEABLE = {"trainer.max_steps": 3, "trainer.eval_every": 99, "trainer.save_every": 99,
               "trainer.diagnostics_every": 99, "trainer.threads": 4, "trainer.device": "cuda:3", "trainer.resume": False,
-              "trainer.output_dir": "/elsewhere/run", "tracking.experiment": "other", "tracking.enabled": True}
+              "trainer.output_dir": "/elsewhere/run", "tracking.experiment": "other", "tracking.enabled": True,
+              "rollout.threads": 2}
 
 
 def test_every_resumable_change_is_tried_below():
