@@ -146,12 +146,16 @@ def save_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    content = _dcp_content(model, optimizer, momentum, predictor)
+    stepped = bool(optimizer.state)  # alike on every rank: all take the same optimizer steps
+    content = _dcp_content(model, optimizer if stepped else None, momentum, predictor)
     dcp.save(content, checkpoint_id=str(tmp / "dcp"))
     torch.save({"cpu": torch.get_rng_state()}, tmp / f"rng-{ranks.rank}.pt")
     ranks.barrier()
     if ranks.main:
-        torch.save({"scheduler": scheduler.state_dict(), "world_size": ranks.world}, tmp / "scheduler.pt")
+        blob = {"scheduler": scheduler.state_dict(), "world_size": ranks.world}
+        if not stepped:  # no state yet, as on one process: only the parameter groups (the same on every rank)
+            blob["optimizer"] = optimizer.state_dict()
+        torch.save(blob, tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             final.rename(old)
@@ -162,11 +166,17 @@ def save_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, state:
 
 
 def _dcp_content(model, optimizer, momentum, predictor) -> dict[str, Any]:
-    """What a sharded checkpoint holds, as DCP saves and loads it (in place)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """What a sharded checkpoint holds, as DCP saves and loads it (in place). `optimizer` is None
+    before the first optimizer step: DCP's get_state_dict would initialise an empty AdamW state
+    with a zero-gradient step, its step counter at 1, which shifts every later update's bias
+    correction (and the 1-process run has no such step)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    content = {"model": model_state, "optim": optim_state}
+    if optimizer is None:
+        content = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        content = {"model": model_state, "optim": optim_state}
     if momentum is not None:
         content["momentum"] = momentum.sharded_state_dict()
     if predictor is not None:
@@ -177,7 +187,7 @@ def _dcp_content(model, optimizer, momentum, predictor) -> dict[str, Any]:
 def restore_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, momentum=None,
                     predictor=None) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = output_dir / CHECKPOINT
     blob = torch.load(path / "scheduler.pt", weights_only=True)
@@ -186,9 +196,14 @@ def restore_sharded(output_dir: Path, *, ranks, model, optimizer, scheduler, mom
 
         raise ConfigError(f"trainer.output_dir={output_dir}: its checkpoint was written by {blob['world_size']} "
                           f"process(es); resume it with --nproc-per-node {blob['world_size']}")
-    content = _dcp_content(model, optimizer, momentum, predictor)
+    stepped = "optimizer" not in blob  # saved before the first optimizer step: no state to load
+    content = _dcp_content(model, optimizer if stepped else None, momentum, predictor)
     dcp.load(content, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=content["model"], optim_state_dict=content["optim"])
+    if stepped:
+        set_state_dict(model, optimizer, model_state_dict=content["model"], optim_state_dict=content["optim"])
+    else:
+        set_model_state_dict(model, content["model"])
+        optimizer.load_state_dict(blob["optimizer"])
     if momentum is not None:
         momentum.module.load_state_dict(content["momentum"])
     if predictor is not None:

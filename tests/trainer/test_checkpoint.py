@@ -223,3 +223,74 @@ def test_a_sharded_checkpoint_resumes_only_on_its_number_of_ranks(tmp_path):
     torch.save({"scheduler": {}, "world_size": 2}, tmp_path / "checkpoint" / "scheduler.pt")
     with pytest.raises(ConfigError, match=r"written by 2 process\(es\); resume it with --nproc-per-node 2"):
         checkpoint.restore_sharded(tmp_path, ranks=Ranks(rank=0, world=1), model=None, optimizer=None, scheduler=None)
+
+
+@pytest.fixture
+def one_rank_fsdp():
+    """FSDP2 on a gloo group of one process: the sharded checkpoint's code path (DCP, DTensors)
+    without torchrun."""
+    dist = torch.distributed
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield Ranks(rank=0, world=1)
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_parts(seed: int) -> SimpleNamespace:
+    from popo_core.trainer.distributed import shard
+
+    p = parts(seed)
+    shard(p.model, torch.float32)
+    p.optimizer = torch.optim.AdamW(p.model.parameters(), lr=1e-2, weight_decay=0.01)
+    p.scheduler = torch.optim.lr_scheduler.LambdaLR(p.optimizer, lambda s: min(1.0, (s + 1) / 5))
+    return p
+
+
+def sharded_step(p: SimpleNamespace) -> None:
+    # Through the backbone, an FSDP root of its own (popo never calls the tied head: distributed.shard).
+    p.model.model(token_ids()).last_hidden_state.pow(2).mean().backward()
+    p.optimizer.step()
+    p.optimizer.zero_grad()
+    p.scheduler.step()
+
+
+def local_state(p: SimpleNamespace) -> dict:
+    """The model and optimizer state, DTensors as their local shards (bitwise comparable)."""
+    from popo_core.trainer.distributed import local
+
+    def unwrap(x):
+        if isinstance(x, dict):
+            return {k: unwrap(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [unwrap(v) for v in x]
+        return local(x).detach().clone() if isinstance(x, torch.Tensor) else x
+
+    return unwrap({"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+                   "scheduler": p.scheduler.state_dict()})
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["before-the-first-step", "after-two-steps"])
+def test_a_sharded_checkpoint_changes_nothing_and_resumes_exactly(tmp_path, one_rank_fsdp, steps):
+    """Saving changes nothing, and the restored run takes the same next step, bit for bit. Before
+    the first optimizer step DCP's get_state_dict would initialise AdamW's state with a zero-grad
+    step (its step counter at 1, every later update's bias correction shifted): the optimizer
+    holds no state then, as on one process, and none is saved."""
+    a = sharded_parts(seed=0)
+    for _ in range(steps):
+        sharded_step(a)
+    before = local_state(a)
+    checkpoint.save_sharded(tmp_path, ranks=one_rank_fsdp, model=a.model, optimizer=a.optimizer,
+                            scheduler=a.scheduler, state=STATE)
+    assert same(local_state(a), before)  # the save moved nothing, the optimizer's state included
+    b = sharded_parts(seed=1)
+    assert not same(local_state(b)["model"], before["model"])  # so the comparison below can fail
+    assert checkpoint.restore_sharded(tmp_path, ranks=one_rank_fsdp, model=b.model, optimizer=b.optimizer,
+                                      scheduler=b.scheduler) == STATE
+    assert same(local_state(b), before)
+    sharded_step(a)
+    sharded_step(b)
+    assert same(local_state(a), local_state(b))
+    assert int(a.optimizer.state_dict()["state"][0]["step"]) == steps + 1  # one AdamW step per step taken

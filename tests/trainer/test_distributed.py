@@ -1,8 +1,8 @@
 """Several processes on CPU: FSDP2 over gloo under the real torchrun (popo_core/trainer/distributed.py).
 
-The same seed gives the same run on 1 and 2 processes (weights and logged metrics within 1e-4), and
-a 2-rank run killed with SIGKILL resumes from its sharded checkpoint to the weights of an
-uninterrupted 2-rank run.
+The same seed gives the same run on 1 and 2 processes (weights and logged metrics within 1e-4), also
+when a checkpoint comes before the first optimizer step, and a 2-rank run killed with SIGKILL
+resumes from its sharded checkpoint to the weights of an uninterrupted 2-rank run.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ SHORT = ["trainer.eval_every=2", "trainer.save_every=2", "trainer.diagnostics_ev
 
 def launch(out: Path, ranks: int, *overrides: str, background: bool = False):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    given = {o.split("=")[0] for o in overrides}
+    args = ["train", "tiny", f"trainer.output_dir={out}", *[s for s in SHORT if s.split("=")[0] not in given], *overrides]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port()),
-               "-m", "popo_cli", "train", "tiny", f"trainer.output_dir={out}", *SHORT, *overrides]
+               "-m", "popo_cli", *args]
     else:
-        cmd = [sys.executable, "-m", "popo_cli", "train", "tiny", f"trainer.output_dir={out}", *SHORT, *overrides]
+        cmd = [sys.executable, "-m", "popo_cli", *args]
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -102,6 +104,25 @@ def test_token_budget_micro_batches_shared_by_tokens_give_the_same_run(tmp_path)
         for key in ("loss/policy", "grad/norm", "train/forward_tokens", "train/padded_tokens"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_before_the_first_optimizer_step_leaves_the_run_unchanged(tmp_path):
+    """Seed 1 with 12 prompts: step 1 has no positive, so its checkpoint comes before any AdamW
+    step. DCP's get_state_dict would take a zero-gradient step to initialise the optimizer's state
+    (its step counter at 1 on 2 ranks, 0 on one): every later update's bias correction differed."""
+    run = ["trainer.max_steps=3", "trainer.save_every=1", "trainer.seed=1", "rollout.prompts_per_step=12"]
+    launch(tmp_path / "one", 1, *run)
+    launch(tmp_path / "two", 2, *run)
+    ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert "loss/policy" not in ma[1] and "loss/policy" in ma[2]  # the case: nothing learned at step 1, then learning
+    for x, y in zip(ma[2:], mb[2:]):
+        for key in ("loss/policy", "grad/norm"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
