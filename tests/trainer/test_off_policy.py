@@ -18,7 +18,7 @@ from popo_core.config import compose
 from popo_core.trainer.loop import train
 
 OFF_POLICY = {"rollout.max_staleness": 1, "rollout.threads": 1, "trainer.max_steps": 30, "trainer.save_every": 5,
-              "trainer.eval_every": 10}
+              "trainer.eval_every": 10, "rollout.prompts_per_step": 24, "rollout.group_size": 8}
 STEADY = ("time/", "throughput/")  # wall-clock numbers differ between runs
 
 
@@ -43,6 +43,7 @@ def test_a_killed_off_policy_run_resumes_to_the_uninterrupted_one(workdir):
     first = rows(straight / "run")
     assert [r["rollout/staleness"] for r in first[1:]] == [0.0] + [1.0] * 29
     assert "tis" in (straight / "run" / "config.yaml").read_text()  # the correction that was used
+    assert first[-1]["train/updates"] > first[-1]["train/skipped_updates"]  # positives: the weights moved
 
     killed = workdir / "killed"
     args = tiny_overrides(killed, **OFF_POLICY)
