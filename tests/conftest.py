@@ -50,9 +50,6 @@ def pytest_runtest_makereport(item, call):
     if REQUIRE_VLLM and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped under make test-vllm, where no test may skip: {report.longrepr}"
-    elif REQUIRE_SMOL and report.skipped and "smol" in item.keywords:
-        report.outcome = "failed"
-        report.longrepr = f"skipped with POPO_REQUIRE_SMOL=1, where no smol test may skip: {report.longrepr}"
 
 
 @pytest.fixture

@@ -201,5 +201,7 @@ def load_merged_adapter(path: Path, kwargs: dict):
 
     base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or BASE_DIR
     base_path = path / base_name if (path / base_name).is_dir() else base_name
+    if packaged.is_packaged(str(base_path)):  # a LoRA run of a packaged model names it as it was given
+        base_path = packaged.ensure(str(base_path), on_build=_say_converting)
     base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     return PeftModel.from_pretrained(base, str(path)).merge_and_unload()

@@ -219,7 +219,7 @@ def test_two_processes_under_fsdp2_give_the_weights_of_one(tmp_path):
     from tests.trainer.test_distributed import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    overrides = [*SHORT, "rollout.prompts_per_step=4", "rollout.temperature=0.7"]
+    overrides = [*SHORT, "rollout.prompts_per_step=4", "rollout.temperature=0.7", "trainer.eval_every=0"]
     for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc-per-node", "2",
                                                    "--master-port", str(free_port())])):
         cmd = [sys.executable, *launcher, "-m", "popo_cli", "train", "smol", f"trainer.output_dir={tmp_path / name}",
