@@ -120,7 +120,7 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
         states,
         inverse,
         input_tokens=sum(lengths),
-        additive=packing.mode == "additive",
+        additive=placed is not None and packing.mode == "additive",  # padded rows keep the 2D mask
     )
 
 

@@ -171,6 +171,23 @@ def test_packed_forward_and_gradient_equal_the_padded_ones(models, arch, layout)
         set_attention(model, "sdpa")
 
 
+def test_eager_forwards_a_micro_batch_packing_does_not_win(models):
+    """trainer.packing null under eager: equal lengths stay padded, and the 2D padding mask goes in as
+    it is (made additive it was a masked_fill on a long tensor, a traceback on every step)."""
+    model = models["qwen2"]
+    set_attention(model, "eager")
+    try:
+        prompts, completions = [[3, 4], [5, 6], [7, 8]], [[9, 10], [11, 12], [13, 14]]
+        seqs = collate(prompts, completions, 0, "cpu", P.packing_for(None, "eager"))
+        assert seqs.position_ids is None and not seqs.additive  # padded
+        got, _ = forward_and_gradient(model, seqs, 0)
+        want, _ = forward_and_gradient(model, collate(prompts, completions, 0, "cpu"), 0)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **TOL)
+    finally:
+        set_attention(model, "sdpa")
+
+
 def test_packed_rows_are_what_they_say(models):
     prompts, completions = varied(0)
     seqs = collate(prompts, completions, 0, "cpu", P.Packing("mask", always=True))
