@@ -56,7 +56,7 @@ def render(cfg, *, gpu_memory: Optional[float], world_size: int, prompt_tokens: 
 
     console.rule(f"[bold]plan per GPU[/]: {world_size} x {gib:.1f} GiB ({source})")
     console.print(
-        f"Qwen2 {arch.layers} layers, hidden {arch.hidden}, MLP {arch.intermediate}, {arch.heads} heads / "
+        f"{'Qwen2' if arch.qkv_bias else 'Llama'} {arch.layers} layers, hidden {arch.hidden}, MLP {arch.intermediate}, {arch.heads} heads / "
         f"{arch.kv_heads} KV heads, vocab {arch.vocab}, {'tied' if arch.tied else 'untied'} embeddings. "
         f"Micro-batch {_micro(this)} of {this.prompt_tokens} prompt + {this.completion_tokens} "
         f"completion tokens{' (prompt length assumed; --prompt-tokens)' if cfg.data.task != 'tiny' else ''}; "
