@@ -231,6 +231,12 @@ def presets() -> list[str]:
 
 def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose preset + overrides with Hydra, check types and ranges, return a typed Config."""
+    return resolve(compose_unresolved(preset, overrides))
+
+
+def compose_unresolved(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`compose` before `resolve`: the keys derived from others still null, nothing checked. A sweep
+    sets each trial's values on it and then resolves, so a swept key's derived keys follow it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
@@ -263,6 +269,12 @@ def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -
         msg = first_line(cause)
         raise ConfigError(f"{key}: {msg}" if key else first_line(err, lines=2)) from None
     cfg.preset = preset
+    return cfg
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill in the keys left null that follow others (algo.max_length, algo.rollout_correction),
+    then check the whole config; returns `cfg`."""
     if cfg.algo.max_length is None:
         cfg.algo.max_length = cfg.rollout.max_new_tokens
     if cfg.algo.rollout_correction is None:  # the sampler's policy lags: correct for it (METHOD.md "Rollout correction")
@@ -271,7 +283,7 @@ def compose(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -
         import warnings
 
         warnings.warn(f"rollout.max_staleness={cfg.rollout.max_staleness} with algo.rollout_correction=none: the "
-                      "updates ignore that the sampler's policy lags behind the learner's", UserWarning, stacklevel=2)
+                      "updates ignore that the sampler's policy lags behind the learner's", UserWarning, stacklevel=3)
     validate(cfg)
     return cfg
 

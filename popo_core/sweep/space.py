@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from popo_core.config import Config, ConfigError, config_dir, did_you_mean, validate
+from popo_core.config import Config, ConfigError, config_dir, did_you_mean, resolve
 from popo_core.errors import UserError
 
 _SCALARS = (bool, int, float, str)
@@ -271,7 +271,7 @@ def parse_param(spec: str, types=None) -> Param:
 
 def check_against(space: list[Param], base: Config, source: str) -> None:
     """Refuse a space whose ends (or choices) the config itself refuses (`algo.momentum=0.5:1.5`),
-    before any trial runs: each is set on the base config and validated."""
+    before any trial runs: each is set on the base config (as compose_unresolved gives it) and resolved."""
     for p in space:
         for value in p.choices if p.choices is not None else (p.low, p.high):
             if p.integer and value is not None:
@@ -279,7 +279,7 @@ def check_against(space: list[Param], base: Config, source: str) -> None:
             cfg = copy.deepcopy(base)
             set_key(cfg, p.name, value)
             try:
-                validate(cfg)
+                resolve(cfg)
             except ConfigError as err:
                 raise SweepError(f"{source}: {p.describe()}: {err}") from None
 

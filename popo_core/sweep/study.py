@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from popo_core.config import Config, compose, validate
+from popo_core.config import Config, compose_unresolved, resolve
 from popo_core.errors import ConfigError, first_line
 from popo_core.store_lock import init_lock
 from popo_core.sweep import compat
@@ -125,8 +125,11 @@ class Sweep:
         if s.heartbeat_interval < 1 or s.grace_period <= s.heartbeat_interval:
             raise SweepError("--heartbeat-interval must be >= 1 s and --grace-period longer than it")
         self.space = load_space(s.knob, s.params)
-        self.base = compose(s.preset, s.overrides)
-        check_against(self.space, self.base, compat.space_source(s.knob, s.params))
+        # Trials start from the unresolved config: a swept rollout.max_new_tokens or rollout.max_staleness
+        # moves the algo.max_length or algo.rollout_correction it derives, as in `popo train`.
+        self.unresolved = compose_unresolved(s.preset, s.overrides)
+        self.base = resolve(copy.deepcopy(self.unresolved))
+        check_against(self.space, self.unresolved, compat.space_source(s.knob, s.params))
         check_metric(s.metric, self.base)
         self.name = s.study or f"{knob_stem(s.knob)}-{s.preset}"
         if not self.name or not set(self.name) <= _NAME_OK:
@@ -344,14 +347,13 @@ class Sweep:
         return float(value)
 
     def _trial_config(self, number: int, values: dict[str, Any], output_dir: str | None) -> Config:
-        cfg = copy.deepcopy(self.base)
+        cfg = copy.deepcopy(self.unresolved)
         for key, value in values.items():
             set_key(cfg, key, value)
         cfg.trainer.output_dir = output_dir or str(self.root / f"trial-{number}")
         cfg.tracking.run_name = f"{self.name}/trial-{number}"
         cfg.tracking.parent_run_id = self.parent_id
-        validate(cfg)
-        return cfg
+        return resolve(cfg)
 
     def _after_trial(self, study, frozen) -> None:
         self._failures = self._failures + 1 if frozen.state.name == "FAIL" else 0

@@ -134,6 +134,26 @@ def test_a_study_records_a_space_given_by_param_or_file_and_refuses_another(work
         Sweep(settings(workdir, knob=own, study="lr-tiny"))
 
 
+def test_a_trial_resolves_the_keys_its_swept_values_derive(workdir):
+    """algo.rollout_correction (null: tis when rollout.max_staleness > 0) and algo.max_length (null:
+    rollout.max_new_tokens) follow a trial's own values, as `popo train` with them would; a key
+    given explicitly stays as given."""
+    from popo_core.sweep.study import Sweep
+
+    job = Sweep(settings(workdir, knob="lr", overrides=TINY + ["tracking.enabled=false", "algo=dr_grpo"],
+                         params=["rollout.max_staleness=0,1", "rollout.max_new_tokens=2,3"]))
+    assert job.base.algo.rollout_correction == "none"
+    job.parent_id = None  # set by run(), which opens MLflow
+    stale = job._trial_config(0, {"rollout.max_staleness": 1, "rollout.max_new_tokens": 3}, None)
+    assert stale.algo.rollout_correction == "tis" and stale.algo.max_length == 3
+    synchronous = job._trial_config(1, {"rollout.max_staleness": 0, "rollout.max_new_tokens": 2}, None)
+    assert synchronous.algo.rollout_correction == "none" and synchronous.algo.max_length == 2
+    fixed = Sweep(settings(workdir, knob="lr", study="fixed", params=["rollout.max_new_tokens=2,3"],
+                           overrides=TINY + ["tracking.enabled=false", "algo=dr_grpo", "algo.max_length=7"]))
+    fixed.parent_id = None
+    assert fixed._trial_config(0, {"rollout.max_new_tokens": 3}, None).algo.max_length == 7
+
+
 def test_a_swept_int_and_bool_reach_the_trial_config(workdir):
     """Through a real (one-step) trial: the sampled values are set on the run's config, typed."""
     import yaml
