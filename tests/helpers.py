@@ -177,3 +177,31 @@ def tiny_model(seed: int = 0, *overrides: str):
 def token_ids(seed: int = 0, rows: int = 3, length: int = 7, vocab: int = 20) -> torch.Tensor:
     """A seeded [rows, length] batch of token ids the tiny tokenizer has (its first `vocab`)."""
     return torch.randint(1, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+# A few seconds of training per step on SmolLM2-135M (tests/model/test_smol.py, tests/rollout/test_smol_vllm.py):
+# 2 prompts x 2 samples of at most 12 tokens, a 2-prompt held-out check, single-digit sums (the
+# model gets some right, so there is a positive).
+SMOL_SHORT = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_every=2", "trainer.diagnostics_every=1",
+              "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=12",
+              "rollout.eval_max_new_tokens=12", "data.max_operand=9", "data.train_size=8", "data.eval_size=2",
+              "trainer.threads=1", "trainer.device=cpu", "tracking.enabled=false"]
+
+
+def saved_bytes(model, seqs) -> int:
+    """Bytes autograd saves for backward in the trainer's forward of `seqs` (parameters excluded),
+    each storage once at its full size."""
+    from popo_core.trainer.logprobs import completion_forward
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        completion_forward(model, seqs)
+    return sum(seen.values())

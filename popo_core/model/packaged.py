@@ -17,14 +17,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from popo_core.errors import ModelLoadError, first_line
+from popo_core.model.cache import atomic_dir
 
 PREFIX = "pypi:"
 CONVERT_VERSION = 1  # bump when the conversion changes what it writes
@@ -163,16 +162,9 @@ def convert(source: Path, path: Path, info: dict) -> None:
     """Write the GGUF file's model and tokenizer as safetensors at `path` (atomically)."""
     start = time.perf_counter()
     model, tokenizer = read_gguf(source)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = info | {"parameters": sum(p.numel() for p in model.parameters()),
                        "convert_seconds": round(time.perf_counter() - start, 1)}
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
-        if path.exists():  # an incomplete leftover (no marker): replace it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

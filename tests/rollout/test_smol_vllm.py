@@ -13,13 +13,11 @@ import pytest
 import torch
 
 from conftest import run_popo
+from helpers import SMOL_SHORT
 
 pytestmark = [pytest.mark.smol, pytest.mark.vllm, pytest.mark.slow]
 
-SHORT = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_every=2", "trainer.diagnostics_every=1",
-         "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=12",
-         "rollout.eval_max_new_tokens=12", "data.max_operand=9", "data.train_size=8", "data.eval_size=2",
-         "trainer.threads=1", "trainer.device=cpu", "tracking.enabled=false"]
+SHORT = SMOL_SHORT
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from popo_core.model.loading import build_tiny_model, build_tiny_tokenizer
 from popo_core.trainer.logprobs import collate, completion_forward
 
 from conftest import assert_one_line_error, run_popo
+from helpers import saved_bytes
 
 
 _DATA: list[str] = []
@@ -165,19 +166,6 @@ def test_siamese_off_has_no_momentum_and_popo_no_reference():
 
 # --- activations saved for backward, measured exactly -----------------------------------------
 
-def _saved_bytes(model, seqs) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in params:
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        completion_forward(model, seqs)
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -195,7 +183,7 @@ def test_saved_activations_match_the_plan_exactly(dtype, checkpointing, kv_heads
     seqs = collate([[5 + b] + [5] * (prompt - 1) for b in range(batch)], [[6] * completion] * batch, 0, "cpu")
     assert seqs.input_ids.shape == (batch, prompt + completion - 1)
     stack, head = P.saved_activation_bytes(arch, batch, prompt, completion, dtype.itemsize, checkpointing)
-    assert _saved_bytes(model, seqs) == stack + head
+    assert saved_bytes(model, seqs) == stack + head
 
 
 def test_checkpointing_saves_far_less_at_preset_scale():

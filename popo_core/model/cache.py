@@ -1,0 +1,26 @@
+"""Directories popo builds once and keeps in its cache (the warm start, converted packaged models)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it replaces `path` (an incomplete
+    leftover there is removed), on any error it is removed and `path` is left as it was. Whoever
+    writes into it writes its completion marker last."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
