@@ -352,7 +352,7 @@ def recommended_commands(cfg: Config, gpu_memory_gib: float, *, prompt_tokens: O
     if full:
         n = 1 << (full - 1).bit_length()
         launch = f"torchrun --nproc-per-node {n} -m popo_cli train" if n > 1 else "popo train"
-        lines.append(f"full fine-tuning on {n} x {gpu_memory_gib:.0f} GiB GPUs: {launch} {cfg.preset}")
+        lines.append(f"full fine-tuning on {n} x {gpu_memory_gib:.0f} GiB GPU{'s' if n > 1 else ''}: {launch} {cfg.preset}")
     rank = cfg.model.lora.rank or LORA_HINT_RANK
     if plan(with_lora(cfg, rank), 1, gpu_memory_gib=gpu_memory_gib, prompt_tokens=prompt_tokens).fits:
         lines.append(f"LoRA on 1 x {gpu_memory_gib:.0f} GiB GPU: popo train {cfg.preset} model.lora.rank={rank}")
