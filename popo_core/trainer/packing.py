@@ -116,8 +116,9 @@ def place(lengths: Sequence[int], packing: Packing) -> Optional[Placement]:
 
 # ------------------------------------------------------------------- micro-batches by tokens
 def token_chunks(costs: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
-    """Consecutive runs of indices of `costs` (each a sequence's tokens) whose forward holds at most
-    `budget` tokens: their sum when packed, their number times the longest when padded."""
+    """Consecutive runs of indices of `costs` (each a sequence's tokens) whose cost is at most
+    `budget`: their number times the longest when `padded`, else their sum (the tokens themselves:
+    a run that `place` then pads, or the padding of packed rows, takes more positions)."""
     out: list[list[int]] = []
     run: list[int] = []
     total = longest = 0
