@@ -104,8 +104,24 @@ def test_final_answer_grades_only_the_text_after_the_last_equals():
 
 
 def test_registry_names_are_the_config_choices():
-    assert set(tasks.TASKS) == {"tiny", "math", "arith"}
+    assert set(tasks.TASKS) == {"tiny", "math", "arith", "sums"}
     assert set(tasks.SYNTHETIC) <= set(tasks.TASKS) and set(tasks.SFT_EXAMPLES) <= set(tasks.TASKS)
+    assert set(tasks.ARITH_LIKE) <= set(tasks.TASKS)
+
+
+def test_sums_are_the_arith_split_asked_in_words_and_graded_by_math_verify():
+    from popo_core.config import DataConfig
+    from popo_core.grading.math_grader import MathVerifier
+
+    d = DataConfig(task="sums", min_terms=2, max_terms=3, max_operand=49, train_size=300, eval_size=60, seed=3)
+    train, held = tasks.sums_split(d)
+    a_train, a_held = tasks.arith_split(DataConfig(**{**d.__dict__, "task": "arith"}))
+    assert [p.answer for p in train] == [p.answer for p in a_train] and len(held) == 60
+    for s, a in zip(train + held, a_train + a_held):
+        assert s.problem == "What is " + a.problem.rstrip("=").replace("+", " + ") + "?"
+        assert sum(int(t) for t in a.problem.rstrip("=").split("+")) == int(s.answer)
+    assert not {p.problem for p in train} & {p.problem for p in held}  # disjoint by construction
+    assert isinstance(tasks.make_verifier("sums"), MathVerifier)
 
 
 @pytest.mark.parametrize(
