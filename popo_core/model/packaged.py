@@ -12,7 +12,6 @@ directory renamed into place under a file lock, so concurrent runs convert once.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from popo_core.errors import ModelLoadError, first_line
-from popo_core.model.cache import atomic_dir
+from popo_core.model.cache import atomic_dir, file_lock
 
 PREFIX = "pypi:"
 CONVERT_VERSION = 1  # bump when the conversion changes what it writes
@@ -98,7 +97,7 @@ def ensure(name: str, on_build: Callable[[Path], None] | None = None) -> Path:
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(path.with_suffix(".lock")):
+        with file_lock(path.with_suffix(".lock")):
             if not (path / MARKER).is_file():
                 if on_build:
                     on_build(path)
@@ -108,18 +107,6 @@ def ensure(name: str, on_build: Callable[[Path], None] | None = None) -> Path:
         raise ModelLoadError(f"cannot write popo's model cache {path.parent}: {err.strerror or first_line(err)} "
                              "(set POPO_CACHE to a writable directory)") from None
     return path
-
-
-@contextlib.contextmanager
-def _lock(file: Path):
-    import fcntl
-
-    with open(file, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_gguf(source: Path):

@@ -11,7 +11,6 @@ Every `trainer.seed` starts from the same warm start.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from popo_core.model.cache import atomic_dir
+from popo_core.model.cache import atomic_dir, file_lock
 
 # Bump when the SFT loop, the example format or the model builder changes what a spec produces.
 CODE_VERSION = 1
@@ -77,24 +76,12 @@ def ensure(cfg, progress: Progress | None = None, on_build: Callable[[Path], Non
     path = path_for(cfg)
     if not is_built(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(path.with_suffix(".lock")):
+        with file_lock(path.with_suffix(".lock")):
             if not is_built(path):  # another process may have built it while we waited
                 if on_build:
                     on_build(path)
                 build(cfg, path, progress)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(path)))
-
-
-@contextlib.contextmanager
-def _lock(file: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(file, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------- building
