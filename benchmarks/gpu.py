@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from popo_core.config import AlgoConfig, Config, LoraConfig  # noqa: E402  (dataclasses only: no hydra)
+from popo_core.config import AlgoConfig, Config, LoraConfig, resolve  # noqa: E402  (dataclasses only: no hydra)
 from popo_core.model.lora import add_lora  # noqa: E402
 from popo_core.trainer.companions import momentum_network, reference_network  # noqa: E402
 from popo_core.algo.objective import build_objective  # noqa: E402
@@ -70,6 +70,8 @@ def learner_for(method: str, rank: int, args, device, compute_dtype):
     cfg = Config()
     cfg.algo = AlgoConfig(name=method, siamese=method == "popo", kl_beta=0.0)
     cfg.trainer.micro_batch_size = args.micro_batch
+    cfg.rollout.max_new_tokens = args.completion
+    cfg = resolve(cfg)  # the keys compose fills in (algo.rollout_correction, algo.max_length)
     lora = rank > 0
     model = build_model(args.size, compute_dtype if lora else torch.float32, device)  # fp32 masters when full
     if args.checkpointing:
