@@ -12,7 +12,7 @@ step times): the sampled pass@1 per mode with a 95% percentile bootstrap over pr
 seeds), the paired difference off-policy - synchronous, and the greedy accuracy of the run's last step.
 Everything measured goes to --results as JSON (docs/testbed/async-rollouts.json by default).
 
-    python benchmarks/async_rollouts.py [--seeds 3] [--steps 100] [--threads 1] [--sync-threads 1] [--eval] [key=value ...]
+    python benchmarks/async_rollouts.py [--seeds 3] [--steps 100] [--threads 1] [--sampler-threads N] [--sync-threads 1] [--eval] [key=value ...]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def run(out: Path, method: str, seed: int, args, staleness: int) -> dict[str, fl
     threads = args.threads if staleness else args.sync_threads
     overrides = [f"algo={method}", f"trainer.output_dir={out}", f"trainer.seed={seed}", "tracking.enabled=false",
                  f"trainer.max_steps={args.steps}", f"trainer.threads={threads}", f"rollout.max_staleness={staleness}",
-                 f"rollout.threads={args.threads}", "trainer.eval_every=0", f"trainer.save_every={args.steps}",
+                 f"rollout.threads={args.sampler_threads or args.threads}", "trainer.eval_every=0", f"trainer.save_every={args.steps}",
                  *([] if args.eval else ["data.eval_size=1"]), *args.overrides]
     begin = time.perf_counter()
     result = train(compose("arith", overrides))
@@ -75,6 +75,7 @@ def run(out: Path, method: str, seed: int, args, staleness: int) -> dict[str, fl
     steps = [r for r in rows if r["step"] > 1 and "time/step_s" in r]
     mean = lambda key: statistics.mean(r[key] for r in steps)  # noqa: E731
     record = {"method": method, "seed": seed, "max_staleness": staleness, "threads": threads,
+              "sampler_threads": (args.sampler_threads or args.threads) if staleness else None,
               "step": mean("time/step_s"), "generate": mean("time/generate_s"), "update": mean("time/update_s"),
               "wait": mean("time/wait_s"), "wall": wall, "load_average": os.getloadavg()[0],
               "accuracy": result.final_accuracy if args.eval and result.final_accuracy is not None else float("nan")}
@@ -87,9 +88,12 @@ def run(out: Path, method: str, seed: int, args, staleness: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer and of the sampler (off-policy)")
+    parser.add_argument("--sampler-threads", type=int, default=None,
+                        help="torch threads of the sampler process (off-policy; default: --threads)")
     parser.add_argument("--sync-threads", type=int, default=1, help="torch threads of the synchronous run")
     parser.add_argument("--eval", action="store_true", help="evaluate the 200 held-out prompts at the end")
     parser.add_argument("--samples", type=int, default=16, help="samples per held-out prompt of the pass@1 (--eval)")
@@ -98,23 +102,27 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be >= 2 (step 1 is left out)")
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in METHODS]:
+        parser.error(f"--methods: unknown {unknown[0]!r} (choose from {', '.join(METHODS)})")
 
-    results: dict[tuple[str, int], list[dict]] = {(m, s): [] for m in METHODS for s in (0, 1)}
+    results: dict[tuple[str, int], list[dict]] = {(m, s): [] for m in methods for s in (0, 1)}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            for method in METHODS:
+            for method in methods:
                 for staleness in (0, 1):
                     out = Path(tmp) / f"{method}-{seed}-{staleness}"
                     results[method, staleness].append(run(out, method, seed, args, staleness))
 
     avg = lambda runs, key: statistics.mean(r[key] for r in runs)  # noqa: E731
     print(f"arith preset, {args.steps} steps x {args.seeds} seed(s) per method and mode, runs alternated; "
-          f"synchronous: {args.sync_threads} thread(s); off-policy: {args.threads} + {args.threads} thread(s); "
+          f"synchronous: {args.sync_threads} thread(s); off-policy: {args.threads} trainer + "
+          f"{args.sampler_threads or args.threads} sampler thread(s); "
           "means over steps 2..N of time/step_s")
     print(f"{'method':<8}{'sync step':>10}{'generate':>10}{'update':>9}{'async step':>11}{'wait':>7}"
           f"{'async/sync':>11}{'goal':>7}{'acc sync':>10}{'acc async':>10}")
     summary = {}
-    for method in METHODS:
+    for method in methods:
         sync, off = results[method, 0], results[method, 1]
         s, o = avg(sync, "step"), avg(off, "step")
         goal = 1.1 * max(avg(sync, "generate"), avg(sync, "update")) / s
@@ -127,7 +135,7 @@ def main() -> None:
     if args.eval:
         print(f"held-out sampled pass@1 ({args.samples} samples per prompt, 200 prompts; mean over seeds; "
               "95% percentile bootstrap over prompts):")
-        for method in METHODS:
+        for method in methods:
             sync, off = seed_mean(results[method, 0]), seed_mean(results[method, 1])
             diff = [off[i] - sync[i] for i in sync]
             rows = {"sync": list(sync.values()), "async": list(off.values())}
@@ -145,6 +153,7 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     runs = [{k: v for k, v in r.items() if k != "correct"} for rs in results.values() for r in rs]
     setup = {"steps": args.steps, "seeds": args.seeds, "threads": args.threads, "sync_threads": args.sync_threads,
+             "sampler_threads": args.sampler_threads or args.threads, "load_average_end": os.getloadavg()[0],
              "samples": args.samples if args.eval else None, "overrides": args.overrides}
     args.results.write_text(json.dumps({"setup": setup, "summary": summary, "runs": runs}, indent=1) + "\n")
     print(f"written: {args.results}")
