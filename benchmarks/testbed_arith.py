@@ -1,8 +1,9 @@
 """The arith testbed's budgets and its acceptance numbers, measured through the real commands.
 
-1. The warm start: `popo_core.model.warmstart.ensure` on the arith preset in a fresh cache (wall and CPU
+1. The warm start built anew (`popo_core.model.warmstart.ensure` on the arith preset with
+   `model.name_or_path=warmstart`, not the shipped one) in a fresh cache (wall and CPU
    seconds), then its held-out pass@k at temperature 1.0 with 64 samples (`popo eval --bench arith`).
-2. RL from it: `popo train arith algo=A trainer.seed=S` for each algorithm and seed (wall and CPU
+2. RL from it: `popo train arith algo=A trainer.seed=S model.name_or_path=<it>` for each algorithm and seed (wall and CPU
    seconds of the run), then `popo eval --bench arith --model RUN --samples 64` on the result.
 
 CPU seconds (of the child processes) are printed beside wall seconds: on a shared machine wall time
@@ -58,7 +59,7 @@ def evaluate(model: str, samples: int, env: dict, out: Path) -> dict:
 
 def build_warmstart(overrides: list[str], env: dict) -> tuple[str, float, float]:
     code = ("import sys, json; from popo_core.config import compose; from popo_core.model import warmstart\n"
-            "cfg = warmstart.ensure(compose('arith', sys.argv[1:]))\n"
+            "cfg = warmstart.ensure(compose('arith', ['model.name_or_path=warmstart', *sys.argv[1:]]))\n"
             "print(json.dumps({'path': cfg.model.name_or_path}))\n")
     proc, wall, cpu = run([sys.executable, "-c", code, *overrides], env)
     return json.loads(proc.stdout.strip().splitlines()[-1])["path"], wall, cpu
@@ -102,7 +103,7 @@ def main() -> None:
     for algo in a.algos.split(","):
         for seed in range(a.seeds):
             run_dir = out / f"run-{algo}-seed{seed}"
-            proc, wall, cpu = run(popo("train", "arith", f"algo={algo}", f"trainer.seed={seed}",
+            proc, wall, cpu = run(popo("train", "arith", f"algo={algo}", f"trainer.seed={seed}", f"model.name_or_path={path}",
                                        f"trainer.output_dir={run_dir}", "tracking.enabled=false", *a.overrides), env)
             result = json.loads((run_dir / "result.json").read_text())
             ev = evaluate(str(run_dir), a.samples, env, out / f"eval-{algo}-seed{seed}")

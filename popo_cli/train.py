@@ -49,7 +49,15 @@ def make_progress_callbacks(label: str = "train"):
 
 def ensure_warm_start(cfg):
     """Build (or find in the cache) the warm start a `model.name_or_path=warmstart` config asks for,
-    with a progress bar while it trains; return the config pointing at it."""
+    with a progress bar while it trains; return the config pointing at it. The shipped one (`popo:`) is said."""
+    if cfg.model.name_or_path.startswith("popo:"):
+        from popo_core.model import packaged, warmstart
+
+        info = warmstart.read_info(packaged.shipped_dir(cfg.model.name_or_path)) or {}
+        acc = info.get("heldout_greedy_accuracy")
+        console.print(f"[bold]warm start[/] {cfg.model.name_or_path} (shipped with popo"
+                      + (f"; held-out greedy accuracy {acc:.3f})" if acc is not None else ")"))
+        return cfg
     if cfg.model.name_or_path != "warmstart":
         return cfg
     from rich.progress import TextColumn

@@ -394,6 +394,10 @@ def validate(cfg: Config) -> None:
         from popo_core.model.packaged import lookup
 
         lookup(cfg.model.name_or_path)
+    elif cfg.model.name_or_path.startswith("popo:"):  # a warm start popo ships (torch-free)
+        from popo_core.model import packaged, warmstart
+
+        warmstart.check_shipped(cfg, packaged.shipped_dir(cfg.model.name_or_path), cfg.model.name_or_path)
     elif cfg.model.name_or_path != "tiny" and _looks_local(cfg.model.name_or_path):
         if not Path(cfg.model.name_or_path).exists():
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: directory not found")
@@ -463,7 +467,8 @@ def _validate_processes(cfg: Config) -> None:
                    f"must divide the number of processes ({world}): each group of that many ranks runs one engine")
     if r.engine != "vllm":
         return
-    if m.name_or_path in ("tiny", "warmstart"):
+    built_here = m.name_or_path in ("tiny", "warmstart") or m.name_or_path.startswith("popo:")  # model.* describe it
+    if built_here:
         hidden, heads = m.hidden_size, m.num_heads
     else:
         hidden, heads = m.arch.hidden_size, m.arch.num_heads
@@ -474,7 +479,7 @@ def _validate_processes(cfg: Config) -> None:
         import torch  # the run imports it anyway
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check(device != "cpu", "model.num_heads" if m.name_or_path in ("tiny", "warmstart") else "model.arch.num_heads",
+    _check(device != "cpu", "model.num_heads" if built_here else "model.arch.num_heads",
            heads, f"gives a head size of {hidden // heads}, which vLLM's CPU attention does not run "
                   f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); use rollout.engine=hf")
 

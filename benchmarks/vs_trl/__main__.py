@@ -102,7 +102,7 @@ def save_model(shape: Shape, seed: int, where: Path) -> tuple[Path, str]:
 
     from popo_core.model import warmstart
 
-    cfg = warmstart.ensure(compose_popo(shape, "grpo", shape.steps))  # arith: its cached warm start, built if need be
+    cfg = warmstart.ensure(compose_popo(shape, "grpo", shape.steps))  # arith: the shipped warm start
     path = where / f"model-{shape.preset}-seed{seed}"
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=torch.device("cpu"), seed=seed, dtype=torch.float32)
     if not (path / "config.json").exists():

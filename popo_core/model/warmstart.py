@@ -3,16 +3,21 @@
 `model.name_or_path=warmstart` means: take the random-init tiny Qwen2 of `model.*`, fine-tune it on
 the task's worked examples (`warmstart.*`; examples disjoint from the RL training and held-out
 prompts), save it, and start RL from it. Everything that determines the result (the task settings
-with `data.seed`, the architecture, the `warmstart.*` settings and CODE_VERSION) is hashed; the model
+with `data.seed`, the architecture, the `warmstart.*` settings, CODE_VERSION and the torch and
+transformers versions, whose floating-point paths 600 steps of SFT amplify) is hashed; the model
 lives in `$POPO_CACHE/warmstart/<hash>` (default `~/.cache/popo/warmstart/<hash>`), written to a
 temporary directory and renamed into place, under a file lock, so concurrent runs build it once.
 Every `trainer.seed` starts from the same warm start.
+
+The arith preset starts from the one popo ships (`popo:arith-warmstart`, popo_core.model.packaged):
+`check_shipped` refuses a config whose settings differ from those it was built with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from popo_core.errors import ConfigError
 from popo_core.model.cache import atomic_dir, file_lock
 
 # Bump when the SFT loop, the example format or the model builder changes what a spec produces.
@@ -47,9 +53,30 @@ def spec(cfg) -> dict:
     }
 
 
+def build_versions() -> dict:
+    """The libraries whose numerics the weights depend on (part of the cache key, not of the spec)."""
+    return {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
+
+
 def spec_hash(cfg) -> str:
-    text = json.dumps(spec(cfg), sort_keys=True)
+    text = json.dumps({**spec(cfg), "build": build_versions()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_shipped(cfg, path: Path, name: str) -> None:
+    """A ConfigError naming the first setting in which `cfg` differs from what the shipped warm start
+    at `path` was built with (its supervised examples are disjoint from these prompts only then)."""
+    built = (read_info(path) or {}).get("spec", {})
+    if cfg.data.task not in _TASK_FIELDS or not built:
+        raise ConfigError(f"model.name_or_path={name} is the warm start of data.task="
+                          f"{built.get('data', {}).get('task', 'arith')}; this config has data.task={cfg.data.task}")
+    mine = spec(cfg)
+    for section in ("data", "model", "warmstart"):
+        for key, value in built[section].items():
+            if mine[section].get(key) != value:
+                raise ConfigError(f"model.name_or_path={name} was built with {section}.{key}={value}, not "
+                                  f"{mine[section].get(key)}: set model.name_or_path=warmstart to build (and cache) "
+                                  "a warm start for these settings")
 
 
 def cache_root() -> Path:

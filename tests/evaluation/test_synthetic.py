@@ -14,7 +14,7 @@ from popo_core.model import warmstart
 from popo_core.config import compose
 from popo_core.data.tasks import load_task
 
-SMALL = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "warmstart.steps=30",
+SMALL = ["model.name_or_path=warmstart", "model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "warmstart.steps=30",
          "warmstart.batch_size=16", "warmstart.warmup_steps=5", "warmstart.lr=1e-2", "data.train_size=60",
          "data.eval_size=6", "model.bench_max_new_tokens=40", "trainer.threads=1"]
 
@@ -96,7 +96,7 @@ def test_eval_arith_bad_input_is_one_line(built, tmp_path, monkeypatch):
         ("--bench", "arith", "--bench", "math500", "--model", path): "evaluate it on its own",
         ("--bench", "arith", "--responses", "r.jsonl"): "give --model",
         ("--bench", "arith", "--model", tiny_run): "data.task=tiny",
-        ("--bench", "arith", "--model", "arith"): "warmstart",
+        ("--bench", "arith", "--model", "popo:arith-warmstrt"): "unknown shipped model",
     }
     for args, message in cases.items():
         result = _invoke(*args, "--no-tracking", cwd=tmp_path)

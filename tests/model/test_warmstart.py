@@ -15,7 +15,7 @@ from popo_core.config import ModelConfig, compose
 from popo_core.errors import ModelLoadError
 from popo_core.model.loading import build_tiny_model, build_tiny_tokenizer, load_model_and_tokenizer
 
-SMALL = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "warmstart.steps=3",
+SMALL = ["model.name_or_path=warmstart", "model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "warmstart.steps=3",
          "warmstart.batch_size=4", "warmstart.warmup_steps=1", "data.train_size=50", "data.eval_size=5",
          "model.bench_max_new_tokens=8"]
 
@@ -36,14 +36,20 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_hash_covers_what_determines_the_model_and_nothing_else(monkeypatch):
-    base = warmstart.spec_hash(compose("arith"))
+    recipe = "model.name_or_path=warmstart"
+    base = warmstart.spec_hash(compose("arith", [recipe]))
     for override in ("data.seed=1", "data.max_terms=6", "data.max_operand=8", "model.hidden_size=256",
                      "model.num_layers=3", "warmstart.lr=1e-3", "warmstart.seed=1", "warmstart.steps=10"):
-        assert warmstart.spec_hash(compose("arith", [override])) != base, override
+        assert warmstart.spec_hash(compose("arith", [recipe, override])) != base, override
     for override in ("trainer.seed=3", "algo=grpo", "optim.lr=1e-4", "rollout.group_size=4", "trainer.max_steps=5",
                      "model.bench_max_new_tokens=10", "data.train_size=4000", "data.eval_size=100"):
-        assert warmstart.spec_hash(compose("arith", [override])) == base, override
+        assert warmstart.spec_hash(compose("arith", [recipe, override])) == base, override
     monkeypatch.setattr(warmstart, "CODE_VERSION", warmstart.CODE_VERSION + 1)
+    assert warmstart.spec_hash(compose("arith")) != base
+    monkeypatch.undo()
+    assert warmstart.spec_hash(compose("arith")) == base
+    # the libraries' floating-point paths change the weights: their versions are in the key
+    monkeypatch.setattr(warmstart, "build_versions", lambda: {"torch": "0.0", "transformers": "0.0"})
     assert warmstart.spec_hash(compose("arith")) != base
 
 
@@ -55,7 +61,7 @@ def test_cache_dir_is_popo_cache_or_home(monkeypatch, tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    w = compose("arith", ["warmstart.steps=100", "warmstart.warmup_steps=10", "warmstart.lr=0.01"]).warmstart
+    w = compose("arith", ["model.name_or_path=warmstart", "warmstart.steps=100", "warmstart.warmup_steps=10", "warmstart.lr=0.01"]).warmstart
     expected = [0.01 * s / 10 if s <= 10 else 0.005 * (1 + math.cos(math.pi * (s - 10) / 90)) for s in range(1, 101)]
     got = [warmstart.lr_at(s, w) for s in range(1, 101)]
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
@@ -173,3 +179,69 @@ def test_concurrent_runs_build_once(cache, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script, str(log)]) for _ in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert log.read_text() == "built\n"
+
+
+# ------------------------------------------------------------------------- the shipped warm start
+SHIPPED = Path(warmstart.__file__).resolve().parents[1] / "resources" / "models" / "arith-warmstart"
+
+
+def test_the_shipped_warm_start_is_what_its_record_says_and_ships_in_the_package():
+    import fnmatch
+    import hashlib
+    import tomllib
+
+    from popo_core.model import packaged
+
+    assert packaged.shipped_dir("popo:arith-warmstart") == SHIPPED
+    info = warmstart.read_info(SHIPPED)
+    assert hashlib.sha256((SHIPPED / "model.safetensors").read_bytes()).hexdigest() == info["model_sha256"]
+    # the arith preset is the configuration it was built from
+    mine = warmstart.spec(compose("arith"))
+    assert {k: info["spec"][k] for k in ("data", "model", "warmstart")} == {k: mine[k] for k in ("data", "model", "warmstart")}
+    assert compose("arith").model.name_or_path == "popo:arith-warmstart"
+    assert "name_or_path: popo:arith-warmstart" in (SHIPPED / "config.yaml").read_text()  # popo eval reads its data
+    # every file of it is package data (an installed wheel has it)
+    globs = tomllib.loads((SHIPPED.parents[3] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for file in SHIPPED.iterdir():
+        assert any(fnmatch.fnmatch(f"models/arith-warmstart/{file.name}", g) for g in globs["popo_core.resources"]), file
+
+
+def test_the_shipped_warm_start_loads_offline_and_gives_its_recorded_accuracy():
+    """The held-out greedy accuracy of warmstart.json, measured again from the shipped files."""
+    from popo_core.data.tasks import load_task
+
+    cfg = compose("arith")
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=torch.device("cpu"))
+    assert sum(p.numel() for p in model.parameters()) == 1_060_352 or model.config.hidden_size == 128
+    _, held_out = load_task(cfg)
+    accuracy = warmstart.greedy_accuracy(model, tokenizer, held_out, "arith", template=cfg.model.template,
+                                         max_new_tokens=cfg.model.bench_max_new_tokens)
+    assert len(held_out) == 200 and accuracy == pytest.approx(warmstart.read_info(SHIPPED)["heldout_greedy_accuracy"], abs=0.011)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.max_terms=6", "data.max_terms=5"), ("data.seed=1", "data.seed=0"), ("data.max_operand=8", "data.max_operand=9"),
+    ("model.num_layers=3", "model.num_layers=4"), ("model.template=chat", "model.template=plain"),
+    ("warmstart.steps=10", "warmstart.steps=600"), ("warmstart.seed=1", "warmstart.seed=0"),
+])
+def test_the_shipped_warm_start_refuses_settings_it_was_not_built_with(override, key):
+    from popo_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"built with {key}, not .*model.name_or_path=warmstart"):
+        compose("arith", [override])
+    compose("arith", [override, "model.name_or_path=warmstart"])  # the recipe builds one for them
+
+
+def test_the_shipped_warm_start_takes_what_does_not_change_it():
+    for override in ("trainer.seed=3", "algo=grpo", "data.eval_size=10", "data.train_size=100", "optim.lr=3e-5"):
+        compose("arith", [override])
+
+
+def test_unknown_or_missing_shipped_models_are_one_line_errors(monkeypatch, tmp_path):
+    from popo_core.model import packaged
+
+    with pytest.raises(ModelLoadError, match="unknown shipped model .*popo:arith-warmstart"):
+        compose("arith", ["model.name_or_path=popo:arith-warmstrt"])
+    monkeypatch.setattr(packaged, "SHIPPED_DIR", tmp_path)
+    with pytest.raises(ModelLoadError, match="missing from this installation"):
+        compose("arith")
