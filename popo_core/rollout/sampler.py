@@ -138,11 +138,14 @@ def serve(model, tokenizer, slots, versions, sampling: dict, compute_dtype, thre
     device = next(model.parameters()).device
     loaded = -1
     while True:
+        if os.getppid() != parent:  # the trainer is gone (killed): nobody will read the results
+            # Without this, exit waits for the queue's feeder thread to flush batches into a pipe that
+            # only this process still holds open, forever once they exceed the pipe's buffer.
+            results.cancel_join_thread()
+            return
         try:
             job = jobs.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:  # the trainer is gone (killed): nobody will read the results
-                return
             continue
         if job is None:
             return

@@ -100,3 +100,57 @@ def test_a_failing_sampler_names_its_error(tiny):
             source.next(1)
     finally:
         source.close()
+
+
+TRAINER = """
+import sys, time, torch
+from popo_core.config import ModelConfig
+from popo_core.model.loading import load_model_and_tokenizer
+from popo_core.rollout.sampler import SamplerProcess
+from popo_core.rollout.sampling import prompt_keys
+from popo_core.rollout.source import Request, Sampling
+
+def request(step):  # a batch far larger than a pipe's 64 KiB buffer
+    return Request([[3, 4, 5, 6]] * 64, prompt_keys(0, step, 0, 64))
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(), device=torch.device("cpu"), seed=0)
+    source = SamplerProcess(model, tokenizer, request, Sampling(n=8, temperature=1.0, top_p=1.0, max_new_tokens=16),
+                            staleness=2, threads=1, compute_dtype=torch.float32)
+    source.start(0, model, {})
+    print(source.process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_sampler_whose_trainer_is_killed_exits_with_its_batches_unread(tmp_path):
+    """The trainer SIGKILLed alone (not its process group) while its sampler holds unread batches: the
+    sampler exits once its current batch is done, instead of waiting on its queue's feeder thread
+    forever (it did: state S, no CPU, for good)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        sampler = int(trainer.stdout.readline())
+        time.sleep(15)  # the sampler generates the s + 1 = 3 batches nobody reads
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 60  # the batch it is generating is finished first
+        while time.monotonic() < deadline and _alive(sampler):
+            time.sleep(0.2)
+        assert not _alive(sampler), "the orphaned sampler did not exit"
+    finally:
+        trainer.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited (its new parent reaps it)
+    except FileNotFoundError:
+        return False
