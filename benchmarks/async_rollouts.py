@@ -6,7 +6,7 @@ machine noise hits both alike. The synchronous loop runs with trainer.threads=--
 off-policy run gives the trainer and its sampler process --threads each. Step 1 (the sampler's
 start) is left out of the means. Printed per method: the synchronous step and its generate and
 update parts, the off-policy step, the ratio off-policy / synchronous, and the goal ratio
-1.1 x max(generate, update) / step of issue 21. With --eval, each run's final policy is evaluated
+1.1 x max(generate, update) / step (the target: the overlap hides the shorter phase). With --eval, each run's final policy is evaluated
 on the 200 held-out prompts (`popo eval --bench arith --samples N`, after its steps, so it is not in the
 step times): the sampled pass@1 per mode with a 95% percentile bootstrap over prompts (of the mean over
 seeds), the paired difference off-policy - synchronous, and the greedy accuracy of the run's last step.

@@ -189,7 +189,7 @@ def main() -> None:
               f"{ratio:>11.2f}x{mem:>13.2f}x{sum(rows['real']) / sum(rows['pos_padded']):>19.2f}x"
               f"{sum(rows['pos_packed']) / sum(rows['pos_padded']):>24.2f}x")
     print("real/padded tokens: sequence tokens over the positions the padded forwards ran (all forwards of the "
-          "update); the issue's goal is GRPO's time ratio <= that + 0.1.")
+          "update); the goal is GRPO's time ratio <= that + 0.1.")
 
 
 if __name__ == "__main__":

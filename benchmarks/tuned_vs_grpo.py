@@ -1,4 +1,4 @@
-"""Does tuned POPO beat tuned GRPO? (issue 25) The whole experiment on the arith testbed, one command.
+"""Does tuned POPO beat tuned GRPO? The whole experiment on the arith testbed, one command.
 
 1. Two Optuna studies through `popo sweep`, at equal budgets (the same trials, steps per trial,
    objective, pruner and sampler seed): POPO over its three knobs and the learning rate

@@ -71,3 +71,25 @@ def test_a_killed_off_policy_run_resumes_to_the_uninterrupted_one(workdir):
     a, b = weights(straight / "run"), weights(killed / "run")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_sweep_trials_and_ablation_runs_train_off_policy(workdir):
+    """`popo sweep` and `popo ablate` pass rollout.max_staleness to every run, and each run resolves
+    its own correction (tis when stale) and logs the staleness it trained at."""
+    import yaml
+
+    from conftest import run_popo
+
+    budget = ["rollout.max_staleness=1", "rollout.threads=1", "trainer.max_steps=4", "trainer.eval_every=2",
+              "trainer.save_every=2", "rollout.prompts_per_step=6", "rollout.group_size=4"]
+    sweep = run_popo("sweep", "momentum", "tiny", "--trials", "2", *budget, cwd=workdir, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr + sweep.stdout
+    ablate = run_popo("ablate", "tiny", "--drop", "siamese", "--seeds", "1", *budget, cwd=workdir, timeout=600)
+    assert ablate.returncode == 0, ablate.stderr + ablate.stdout
+    runs = sorted(p.parent for p in workdir.rglob("result.json"))
+    assert len([r for r in runs if "sweeps" in r.parts]) == 2 and len([r for r in runs if "ablations" in r.parts]) == 2
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["rollout"]["max_staleness"] == 1 and cfg["algo"]["rollout_correction"] == "tis", run
+        assert [r["rollout/staleness"] for r in rows(run)[1:]] == [0.0, 1.0, 1.0, 1.0], run
