@@ -245,3 +245,13 @@ def test_unknown_or_missing_shipped_models_are_one_line_errors(monkeypatch, tmp_
     monkeypatch.setattr(packaged, "SHIPPED_DIR", tmp_path)
     with pytest.raises(ModelLoadError, match="missing from this installation"):
         compose("arith")
+
+
+def test_popo_eval_takes_the_shipped_name_with_its_data_settings():
+    from popo_core.evaluation.runner import resolve_model
+    from popo_core.evaluation.synthetic import data_settings
+
+    cfg = resolve_model("popo:arith-warmstart")
+    assert cfg.name_or_path == str(SHIPPED) and cfg.bench_max_new_tokens == 64
+    data, where = data_settings("arith", cfg.name_or_path)
+    assert where == str(SHIPPED / "config.yaml") and (data.max_terms, data.eval_size) == (5, 200)
