@@ -225,9 +225,10 @@ def test_two_processes_under_fsdp2_give_the_weights_of_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_and_ablate_run_a_two_trial_and_two_variant_smoke(workdir):
+def test_sweep_and_ablate_run_a_one_trial_and_two_variant_smoke(workdir):
+    """The real model through both tools (the studies' logic, several trials: tests/sweep on tiny)."""
     budget = [*SHORT, "trainer.max_steps=1", "trainer.eval_every=1"]
-    proc = run_popo("sweep", "momentum", "smol", "--trials", "2", *budget, cwd=workdir, timeout=900)
+    proc = run_popo("sweep", "momentum", "smol", "--trials", "1", *budget, cwd=workdir, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best" in proc.stdout
     proc = run_popo("ablate", "smol", "--drop", "siamese", "--seeds", "1", *budget, cwd=workdir, timeout=900)
