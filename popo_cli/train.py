@@ -50,9 +50,9 @@ def make_progress_callbacks(label: str = "train"):
 def ensure_warm_start(cfg):
     """Build (or find in the cache) the warm start a `model.name_or_path=warmstart` config asks for,
     with a progress bar while it trains; return the config pointing at it. The shipped one (`popo:`) is said."""
-    if cfg.model.name_or_path.startswith("popo:"):
-        from popo_core.model import packaged, warmstart
+    from popo_core.model import packaged, warmstart
 
+    if packaged.is_shipped(cfg.model.name_or_path):
         info = warmstart.read_info(packaged.shipped_dir(cfg.model.name_or_path)) or {}
         acc = info.get("heldout_greedy_accuracy")
         console.print(f"[bold]warm start[/] {cfg.model.name_or_path} (shipped with popo"
@@ -61,8 +61,6 @@ def ensure_warm_start(cfg):
     if cfg.model.name_or_path != "warmstart":
         return cfg
     from rich.progress import TextColumn
-
-    from popo_core.model import warmstart
 
     bar = progress_bar(TextColumn("{task.fields[info]}"))
     task = None

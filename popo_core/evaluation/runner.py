@@ -126,10 +126,10 @@ def resolve_model(spec: str, template: str | None = None):
     from popo_core.config import ModelConfig, config_dir
     from popo_core.data.datasets import looks_like_path
 
-    if spec.startswith("popo:"):  # a model popo ships: its directory (with the config.yaml it was built with)
-        from popo_core.model.packaged import shipped_dir
+    from popo_core.model import packaged
 
-        spec = str(shipped_dir(spec))
+    if packaged.is_shipped(spec):  # a model popo ships: its directory (with the config.yaml it was built with)
+        spec = str(packaged.shipped_dir(spec))
     if spec in model_presets():
         raw = OmegaConf.load(config_dir() / "model" / f"{spec}.yaml")
         cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))  # type: ignore[assignment]
