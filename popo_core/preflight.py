@@ -22,7 +22,16 @@ def output_dir(path: str | Path, key: str = "trainer.output_dir") -> None:
         if not os.access(p, os.W_OK | os.X_OK):
             raise ConfigError(f"{key}={path}: directory is not writable")
         return
-    missing = [p.absolute()]
+    for attempt in range(5):
+        try:
+            return _try_create(p.absolute(), key, path)
+        except FileNotFoundError:  # a concurrent check removed a folder it had made above ours: look again
+            if attempt == 4:
+                raise ConfigError(f"{key}={path}: cannot create it (its parent kept disappearing)") from None
+
+
+def _try_create(target: Path, key: str, path) -> None:
+    missing = [target]
     while not missing[-1].parent.exists():
         missing.append(missing[-1].parent)
     parent = missing[-1].parent
@@ -36,6 +45,10 @@ def output_dir(path: str | Path, key: str = "trainer.output_dir") -> None:
                 made.append(folder)
             except FileExistsError:  # another process made it meanwhile: its parent is writable
                 pass
+    except FileNotFoundError as err:
+        if not folder.parent.exists():  # a concurrent check removed it: output_dir looks again
+            raise
+        raise ConfigError(f"{key}={path}: cannot create it ({err.strerror})") from None
     except OSError as err:
         raise ConfigError(f"{key}={path}: cannot create it ({err.strerror})") from None
     finally:

@@ -31,3 +31,23 @@ def test_an_uncreatable_directory_is_still_refused(tmp_path):
         preflight.output_dir(tmp_path / "file" / "run")
     with pytest.raises(ConfigError, match="cannot create it"):
         preflight.output_dir("/proc/popo-preflight/run")  # a virtual file system: mkdir fails even as root
+
+
+def test_a_parent_removed_by_a_concurrent_check_is_looked_at_again(tmp_path, monkeypatch):
+    """Two commands checking sweeps/x at once: one removes `sweeps` (it made it) while the other is about
+    to make `sweeps/x` inside it. The second looks again instead of failing with ENOENT."""
+    from pathlib import Path
+
+    from popo_core import preflight
+
+    real, hits = Path.mkdir, []
+
+    def racing_mkdir(self, *a, **k):
+        if self.name == "x" and not hits:
+            hits.append(self)
+            self.parent.rmdir()  # the other check's clean-up
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    preflight.output_dir(tmp_path / "sweeps" / "x")
+    assert hits and not (tmp_path / "sweeps").exists()
