@@ -31,6 +31,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ STEP_S = {"popo": 5.0, "grpo": 8.6}
 COMPLETION_S = 2.9 / 512
 HELD_OUT = 200  # data.eval_size of the arith preset
 # --smoke: the same pipeline at a size that runs in about a minute (from the shipped warm start).
-SMOKE = ["rollout.prompts_per_step=4", "rollout.group_size=4", "trainer.eval_every=1", "trainer.save_every=1",
+SMOKE = ["rollout.prompts_per_step=4", "rollout.group_size=4", "trainer.save_every=1",
          "data.eval_size=24"]
 
 
@@ -68,7 +69,7 @@ def estimate(a) -> dict[str, float]:
     """CPU-hours of what is left to run, before pruning (an upper bound: pruned trials stop early)."""
     evals = a.steps // a.eval_every + 1 + (a.steps % a.eval_every != 0)
     trial_eval = evals * HELD_OUT * (1 + a.eval_samples) * COMPLETION_S
-    confirm_eval = (250 // 25 + 1) * HELD_OUT * COMPLETION_S + HELD_OUT * a.samples * COMPLETION_S
+    confirm_eval = (a.confirm_steps // 25 + 1) * HELD_OUT * COMPLETION_S + HELD_OUT * a.samples * COMPLETION_S
     out = {}
     for m in a.methods:
         out[f"study {m}"] = a.trials * (a.steps * STEP_S[m] + trial_eval) / 3600
@@ -77,7 +78,8 @@ def estimate(a) -> dict[str, float]:
 
 
 def study_overrides(a) -> list[str]:
-    return [f"trainer.max_steps={a.steps}", f"trainer.eval_samples={a.eval_samples}", *a.extra]
+    return [f"trainer.max_steps={a.steps}", f"trainer.eval_every={a.eval_every}", f"trainer.eval_samples={a.eval_samples}",
+            *a.extra]
 
 
 def sweep(method: str, a, env: dict) -> None:
@@ -95,26 +97,32 @@ def sweep(method: str, a, env: dict) -> None:
         sys.exit(f"a worker of study arith-{method} failed")
 
 
-def confirm(method: str, best: dict, a, env: dict) -> dict:
-    seeds = {}
-    for seed in a.seeds:
-        run_dir = a.out / "confirm" / f"{method}-s{seed}"
-        eval_dir = a.out / "confirm" / f"{method}-s{seed}-eval"
-        done = run_dir / "result.json"
-        if not (done.exists() and json.loads(done.read_text())["step"] >= a.confirm_steps):
-            run(popo("train", "arith", f"algo={METHODS[method]['algo']}", *best["overrides"], f"trainer.seed={seed}",
-                     f"trainer.max_steps={a.confirm_steps}", *a.extra, f"trainer.output_dir={run_dir}", *a.tracking), env)
-        if not (eval_dir / "summary.json").exists():
-            run(popo("eval", "--bench", "arith", "--model", str(run_dir), "--samples", str(a.samples), "--threads", "1",
-                     "--no-tracking", "--output", str(eval_dir)), env)
-        (summary,) = json.loads((eval_dir / "summary.json").read_text())
-        correct: dict[str, int] = {}
-        for line in (eval_dir / "samples.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            correct[row["id"]] = correct.get(row["id"], 0) + bool(row["correct"])
-        seeds[str(seed)] = {"pass@k": summary["pass@k"], "greedy": json.loads(done.read_text())["final_accuracy"],
-                            "samples": a.samples, "correct": correct}
-    return seeds
+def confirm_one(method: str, seed: int, best: dict, a, env: dict) -> dict:
+    """One confirmation run of a method's best configuration and its `popo eval`, each kept once done."""
+    run_dir = a.out / "confirm" / f"{method}-s{seed}"
+    eval_dir = a.out / "confirm" / f"{method}-s{seed}-eval"
+    done = run_dir / "result.json"
+    if not (done.exists() and json.loads(done.read_text())["step"] >= a.confirm_steps):
+        run(popo("train", "arith", f"algo={METHODS[method]['algo']}", *best["overrides"], f"trainer.seed={seed}",
+                 f"trainer.max_steps={a.confirm_steps}", *a.extra, f"trainer.output_dir={run_dir}", *a.tracking), env)
+    if not (eval_dir / "summary.json").exists():
+        run(popo("eval", "--bench", "arith", "--model", str(run_dir), "--samples", str(a.samples), "--threads", "1",
+                 "--no-tracking", "--output", str(eval_dir)), env)
+    (summary,) = json.loads((eval_dir / "summary.json").read_text())
+    correct: dict[str, int] = {}
+    for line in (eval_dir / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        correct[row["id"]] = correct.get(row["id"], 0) + bool(row["correct"])
+    return {"pass@k": summary["pass@k"], "greedy": json.loads(done.read_text())["final_accuracy"],
+            "samples": a.samples, "correct": correct}
+
+
+def confirm(bests: dict[str, dict], a, env: dict) -> dict[str, dict]:
+    """Every method's confirmation runs, --workers at a time, the costliest method's first."""
+    jobs = sorted(((m, seed) for m in bests for seed in a.seeds), key=lambda j: -STEP_S[j[0]])
+    with ThreadPoolExecutor(max_workers=a.workers) as pool:
+        futures = {job: pool.submit(confirm_one, *job, bests[job[0]], a, env) for job in jobs}
+    return {m: {str(seed): futures[(m, seed)].result() for seed in a.seeds} for m in bests}
 
 
 def main() -> None:
@@ -122,11 +130,12 @@ def main() -> None:
     ap.add_argument("--methods", default="popo,grpo")
     ap.add_argument("--trials", type=int, default=16, help="Finished trials per study (the same for each).")
     ap.add_argument("--steps", type=int, default=250, help="Rollout steps per trial (the same for each).")
+    ap.add_argument("--eval-every", type=int, default=25, help="Steps between a trial's evaluations (the pruner's reports).")
     ap.add_argument("--eval-samples", type=int, default=16, help="Held-out samples per prompt of the objective.")
     ap.add_argument("--seeds", default="1,2,3", help="Confirmation seeds (the studies use trainer.seed=0).")
     ap.add_argument("--confirm-steps", type=int, default=250, help="Steps of a confirmation run (the preset's).")
     ap.add_argument("--samples", type=int, default=64, help="popo eval --samples of a confirmation run.")
-    ap.add_argument("--workers", type=int, default=1, help="popo sweep workers per study, side by side.")
+    ap.add_argument("--workers", type=int, default=1, help="Processes side by side: sweep workers per study, then confirmation runs.")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tuned-vs-grpo", help="Runs, studies and MLflow store.")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "testbed", help="Where the CSV and JSON go.")
     ap.add_argument("--smoke", action="store_true", help="2 trials, 2 steps, 1 seed, 4 samples: the pipeline only.")
@@ -135,7 +144,7 @@ def main() -> None:
     a.methods = [m for m in a.methods.split(",") if m]
     if unknown := [m for m in a.methods if m not in METHODS]:
         ap.error(f"--methods: unknown {unknown[0]!r} (choose from {', '.join(METHODS)})")
-    a.extra, a.eval_every = [], 25
+    a.extra = []
     if a.smoke:
         a.trials, a.steps, a.confirm_steps, a.seeds, a.samples, a.eval_samples = 2, 2, 2, "1", 4, 2
         a.extra, a.eval_every = SMOKE, 1
@@ -165,12 +174,12 @@ def main() -> None:
     for method in a.methods:
         sweep(method, a, env)
         (a.results / f"arith-study-{method}.csv").write_text(export.study_csv(a.storage, f"arith-{method}"))
-    for method in a.methods:
-        best = export.best(a.storage, f"arith-{method}")
+    bests = {m: export.best(a.storage, f"arith-{m}") for m in a.methods}
+    budget = {"trials": a.trials, "steps": a.steps, "eval_every": a.eval_every, "eval_samples": a.eval_samples,
+              "confirm_steps": a.confirm_steps, "overrides": a.extra}
+    for method, seeds in confirm(bests, a, env).items():
         record = {"study": f"arith-{method}", "finished_trials": export.finished(a.storage, f"arith-{method}"),
-                  "best": best, "budget": {"trials": a.trials, "steps": a.steps, "eval_samples": a.eval_samples,
-                                           "confirm_steps": a.confirm_steps, "overrides": a.extra},
-                  "seeds": confirm(method, best, a, env)}
+                  "best": bests[method], "budget": budget, "seeds": seeds}
         (a.results / f"arith-confirm-{method}.json").write_text(json.dumps(record, indent=1) + "\n")
     used = children_cpu() - cpu
     print(f"done in {time.time() - start:.0f} s wall, {used / 3600:.2f} CPU-hours this invocation; "
