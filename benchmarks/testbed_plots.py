@@ -240,6 +240,22 @@ def diagnostics(runs: list[tuple[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def styler(plt, labels: list[str], reference: bool):
+    """style(label, lw): one colour and one legend entry per method; with `reference` the first
+    method is drawn in black, so a method keeps its colour across figures."""
+    families = list(dict.fromkeys(family(label) for label in labels))
+    ref = families.pop(0) if reference else None
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)} | ({ref: "black"} if ref else {})
+    labelled: set[str] = set()
+
+    def style(label: str, lw: float) -> dict:
+        f = family(label)
+        first, _ = f not in labelled, labelled.add(f)
+        return {"color": colors[f], "lw": lw, "label": f if first else None}
+
+    return style
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=["passk", "curves", "table", "diagnostics"])
@@ -263,16 +279,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = list(dict.fromkeys(family(label) for label, _ in runs))
-    reference = families.pop(0) if args.figure == "passk" else None  # black, so a method keeps its colour across figures
-    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)} | ({reference: "black"} if reference else {})
-    labelled: set[str] = set()
-
-    def style(label: str, lw: float) -> dict:  # one colour and one legend entry per family
-        f = family(label)
-        first, _ = f not in labelled, labelled.add(f)
-        return {"color": colors[f], "lw": lw, "label": f if first else None}
-
+    style = styler(plt, [label for label, _ in runs], reference=args.figure == "passk")
     fig = (passk_figure if args.figure == "passk" else curves_figure)(plt, runs, style, mean=args.mean)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)

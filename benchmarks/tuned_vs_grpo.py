@@ -97,32 +97,107 @@ def sweep(method: str, a, env: dict) -> None:
         sys.exit(f"a worker of study arith-{method} failed")
 
 
-def confirm_one(method: str, seed: int, best: dict, a, env: dict) -> dict:
-    """One confirmation run of a method's best configuration and its `popo eval`, each kept once done."""
-    run_dir = a.out / "confirm" / f"{method}-s{seed}"
-    eval_dir = a.out / "confirm" / f"{method}-s{seed}-eval"
-    done = run_dir / "result.json"
-    if not (done.exists() and json.loads(done.read_text())["step"] >= a.confirm_steps):
-        run(popo("train", "arith", f"algo={METHODS[method]['algo']}", *best["overrides"], f"trainer.seed={seed}",
-                 f"trainer.max_steps={a.confirm_steps}", *a.extra, f"trainer.output_dir={run_dir}", *a.tracking), env)
-    if not (eval_dir / "summary.json").exists():
-        run(popo("eval", "--bench", "arith", "--model", str(run_dir), "--samples", str(a.samples), "--threads", "1",
-                 "--no-tracking", "--output", str(eval_dir)), env)
+def evaluation(eval_dir: Path) -> dict:
+    """pass@k and the correct samples per held-out prompt (by id) of a `popo eval` output."""
     (summary,) = json.loads((eval_dir / "summary.json").read_text())
     correct: dict[str, int] = {}
     for line in (eval_dir / "samples.jsonl").read_text().splitlines():
         row = json.loads(line)
         correct[row["id"]] = correct.get(row["id"], 0) + bool(row["correct"])
-    return {"pass@k": summary["pass@k"], "greedy": json.loads(done.read_text())["final_accuracy"],
-            "samples": a.samples, "correct": correct}
+    return {"pass@k": summary["pass@k"], "samples": summary["samples"], "correct": correct}
+
+
+def evaluate(model: str, eval_dir: Path, a, env: dict) -> dict:
+    if not (eval_dir / "summary.json").exists():
+        run(popo("eval", "--bench", "arith", "--model", model, "--samples", str(a.samples), "--threads", "1",
+                 "--no-tracking", "--output", str(eval_dir), *(["--limit", "24"] if a.smoke else [])), env)
+    return evaluation(eval_dir)
+
+
+def confirm_one(method: str, variant: str, seed: int, overrides: list[str], a, env: dict) -> dict:
+    """One confirmation run (a method's best configuration, or the preset's with variant "-preset")
+    and its `popo eval`, each kept once done."""
+    run_dir = a.out / "confirm" / f"{method}{variant}-s{seed}"
+    done = run_dir / "result.json"
+    if not (done.exists() and json.loads(done.read_text())["step"] >= a.confirm_steps):
+        run(popo("train", "arith", f"algo={METHODS[method]['algo']}", *overrides, f"trainer.seed={seed}",
+                 f"trainer.max_steps={a.confirm_steps}", *a.extra, f"trainer.output_dir={run_dir}", *a.tracking), env)
+    return {**evaluate(str(run_dir), run_dir.with_name(run_dir.name + "-eval"), a, env),
+            "greedy": json.loads(done.read_text())["final_accuracy"]}
 
 
 def confirm(bests: dict[str, dict], a, env: dict) -> dict[str, dict]:
-    """Every method's confirmation runs, --workers at a time, the costliest method's first."""
-    jobs = sorted(((m, seed) for m in bests for seed in a.seeds), key=lambda j: -STEP_S[j[0]])
+    """Every confirmation run and the warm start's evaluation, --workers at a time, the costliest first:
+    {"<method><variant>": {"<seed>": record}, "warmstart": record}."""
+    variants = [("", "overrides"), *([("-preset", None)] if a.untuned else [])]
+    jobs = sorted(((m, v, seed) for m in bests for v, _ in variants for seed in a.seeds), key=lambda j: -STEP_S[j[0]])
     with ThreadPoolExecutor(max_workers=a.workers) as pool:
-        futures = {job: pool.submit(confirm_one, *job, bests[job[0]], a, env) for job in jobs}
-    return {m: {str(seed): futures[(m, seed)].result() for seed in a.seeds} for m in bests}
+        futures = {(m, v, seed): pool.submit(confirm_one, m, v, seed, bests[m]["overrides"] if v == "" else [], a, env)
+                   for m, v, seed in jobs}
+        start = pool.submit(evaluate, "popo:arith-warmstart", a.out / "confirm" / "warmstart-eval", a, env)
+    out = {f"{m}{v}": {str(seed): futures[(m, v, seed)].result() for seed in a.seeds} for m in bests for v, _ in variants}
+    return {**out, "warmstart": start.result()}
+
+
+def report(a) -> str:
+    """The studies' figures (history, slice, contour, fANOVA importances) redrawn from the committed
+    CSVs, the pass@k figure of the confirmation runs, and the markdown the docs quote: each study's
+    best trial and importances, and pass@k with paired differences from tuned GRPO."""
+    sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+    import testbed_plots as tp
+
+    from popo_core import plots
+    from popo_core.sweep import export
+    from popo_core.sweep.space import load_space
+
+    lines, passk, counts = [], [], []
+    records = sorted(a.results.glob("arith-confirm-*.json"))
+    budget = json.loads(records[0].read_text())["budget"] if records else vars(a)  # what the studies ran with
+    trials, steps, confirm_steps = budget["trials"], budget["steps"], budget["confirm_steps"]
+
+    def add(label: str, rec: dict) -> None:
+        passk.append((label, {int(k): v for k, v in rec["pass@k"].items()}))
+        counts.append((label, {("arith", i): (rec["samples"], c) for i, c in rec["correct"].items()}))
+
+    if (start := a.results / "arith-warmstart.json").exists():
+        add("warm start", json.loads(start.read_text()))
+    for m in a.methods:
+        if (table := a.results / f"arith-study-{m}.csv").exists():
+            space = load_space(METHODS[m]["knob"], METHODS[m]["params"])
+            study = export.study_from_csv(table.read_text(), space, f"arith-{m}")
+            names = [p.name for p in space]
+            plots.sweep_plots(study, a.img / f"arith-study-{m}", names, "eval/pass_at_1", "arith", steps)
+            states = [t.state.name for t in study.trials]
+            best = study.best_trial
+            weights = export.importances(study)
+            lines.append(f"- {m.upper()} study: {len(states)} finished trials ({states.count('COMPLETE')} complete, "
+                         f"{states.count('PRUNED')} pruned) of {steps} steps; best eval/pass_at_1 {best.value:.4f} "
+                         f"with {' '.join(f'{k}={export.override_value(v)}' for k, v in best.params.items())}; "
+                         "fANOVA importances: " + (", ".join(f"{k} {v:.2f}" for k, v in weights.items()) if weights
+                                                    else "undefined (fewer than 2 different complete values)"))
+        for variant, label in (("", f"tuned {m.upper()}"), ("-preset", f"{m.upper()} preset")):
+            if (record := a.results / f"arith-confirm-{m}{variant}.json").exists():
+                for seed, rec in json.loads(record.read_text())["seeds"].items():
+                    add(f"{label}, seed {seed}", rec)
+    if counts and any(label.startswith("tuned GRPO") for label, _ in counts):
+        lines += ["", tp.table(counts, "tuned GRPO")]
+    if passk:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = tp.passk_figure(plt, passk, tp.styler(plt, [label for label, _ in passk], reference=True), mean=True)
+        seeds = len({tp.seed_of(label) for label, _ in passk} - {None})
+        fig.suptitle(f"arith: each method's best of {trials} trials x {steps} steps, trained again on {seeds} seeds "
+                     f"x {confirm_steps} steps\nheld-out pass@k (T = 1.0, {a.samples} samples, unbiased), mean over "
+                     "seeds, band: lowest to highest seed", fontsize=10)
+        fig.tight_layout()
+        a.img.mkdir(parents=True, exist_ok=True)
+        fig.savefig(a.img / "arith-tuned-passk.png", dpi=115)
+        plt.close(fig)
+        lines.append(f"\nfigures in {a.img}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -138,6 +213,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="Processes side by side: sweep workers per study, then confirmation runs.")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tuned-vs-grpo", help="Runs, studies and MLflow store.")
     ap.add_argument("--results", type=Path, default=REPO / "docs" / "testbed", help="Where the CSV and JSON go.")
+    ap.add_argument("--untuned", action="store_true",
+                    help="Also run each method at the preset's settings on the confirmation seeds (arith-confirm-<method>-preset.json).")
+    ap.add_argument("--img", type=Path, default=REPO / "docs" / "img" / "testbed", help="Where --report's figures go.")
+    ap.add_argument("--report", action="store_true", help="Figures and tables from RESULTS alone (nothing trained).")
     ap.add_argument("--smoke", action="store_true", help="2 trials, 2 steps, 1 seed, 4 samples: the pipeline only.")
     ap.add_argument("--dry-run", action="store_true", help="Print the plan and its cost, run nothing.")
     a = ap.parse_args()
@@ -165,6 +244,9 @@ def main() -> None:
           + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()) + f"; total {sum(cost.values()):.1f}", flush=True)
     if a.dry_run:
         return
+    if a.report:
+        print(report(a))
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
@@ -177,10 +259,14 @@ def main() -> None:
     bests = {m: export.best(a.storage, f"arith-{m}") for m in a.methods}
     budget = {"trials": a.trials, "steps": a.steps, "eval_every": a.eval_every, "eval_samples": a.eval_samples,
               "confirm_steps": a.confirm_steps, "overrides": a.extra}
-    for method, seeds in confirm(bests, a, env).items():
+    done = confirm(bests, a, env)
+    (a.results / "arith-warmstart.json").write_text(json.dumps(done.pop("warmstart"), indent=1) + "\n")
+    for name, seeds in done.items():
+        method = name.removesuffix("-preset")
         record = {"study": f"arith-{method}", "finished_trials": export.finished(a.storage, f"arith-{method}"),
-                  "best": bests[method], "budget": budget, "seeds": seeds}
-        (a.results / f"arith-confirm-{method}.json").write_text(json.dumps(record, indent=1) + "\n")
+                  "best": bests[method] if name == method else None, "budget": budget, "seeds": seeds}
+        (a.results / f"arith-confirm-{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(report(a), flush=True)
     used = children_cpu() - cpu
     print(f"done in {time.time() - start:.0f} s wall, {used / 3600:.2f} CPU-hours this invocation; "
           f"results in {a.results}/arith-{{study,confirm}}-<method>.{{csv,json}}; plots in {a.out}/sweeps/*/plots")

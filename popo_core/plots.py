@@ -265,7 +265,9 @@ def sweep_figures(study, params: Sequence[str], target_name: str = "value", pres
     elif len({t.value for t in complete}) < 2:
         notes.append(f"importances skipped: every complete trial has the same {target_name}")
     else:
-        draws["importances"] = lambda: ovm.plot_param_importances(study, target_name=target_name)
+        # fANOVA's forest is random: seeded, the figure and a rerun (or a table redrawn from it) agree.
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        draws["importances"] = lambda: ovm.plot_param_importances(study, evaluator=evaluator, target_name=target_name)
     figures = {}
     n = len(params)
     for name, draw in draws.items():

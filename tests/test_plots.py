@@ -101,7 +101,7 @@ def quick_importances():
     draw = ovm.plot_param_importances
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=4, seed=0)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ovm, "plot_param_importances", lambda *a, **kw: draw(*a, evaluator=evaluator, **kw))
+        patch.setattr(ovm, "plot_param_importances", lambda *a, **kw: draw(*a, **{**kw, "evaluator": evaluator}))
         yield
 
 

@@ -1,6 +1,7 @@
 """A study read back from its storage, for scripts and committed records (Optuna stays in popo_core.sweep):
-one row per trial (number, state, value, each parameter) and the best trial's parameters as the
-overrides that set them."""
+one row per trial (number, state, value, each parameter), the best trial's parameters as the
+overrides that set them, and a study rebuilt in memory from that table (its figures redrawn without
+the storage)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import io
 import json
 from typing import Any
 
-from popo_core.sweep.space import SweepError
+from popo_core.sweep.space import Param, SweepError
 
 
 def load(storage: str, study: str):
@@ -49,6 +50,51 @@ def best(storage: str, study: str) -> dict[str, Any]:
         raise SweepError(f"study {study!r}: no complete trial yet") from None
     return {"trial": t.number, "value": t.value, "params": dict(t.params),
             "overrides": [f"{k}={override_value(v)}" for k, v in t.params.items()]}
+
+
+def study_from_csv(text: str, space: list[Param], name: str, direction: str = "maximize"):
+    """An in-memory study of study_csv's finished trials (complete and pruned, with their values and
+    parameters) over `space`, numbered in the table's order. Running and failed trials are left out."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    dists = {p.name: p.distribution() for p in space}
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if rows and (unknown := [k for k in rows[0] if k not in ("number", "state", "value", *dists)]):
+        raise SweepError(f"study {name!r}: column {unknown[0]!r} is not a parameter of the space ({', '.join(dists)})")
+    study = optuna.create_study(study_name=name, direction=direction)
+    for row in rows:
+        state = TrialState[row["state"]]
+        if state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            continue
+        params = {k: _parse(row[k], dists[k]) for k in dists if row.get(k, "") != ""}
+        value = float(row["value"]) if row["value"] else None
+        study.add_trial(create_trial(state=state, value=value, params=params,
+                                     distributions={k: dists[k] for k in params},
+                                     intermediate_values={} if value is None else {0: value}))
+    return study
+
+
+def importances(study) -> dict[str, float] | None:
+    """Seeded fANOVA importances of the study's parameters, as its importances figure draws them;
+    None where they are undefined (fewer than 2 complete trials of different values, or 1 parameter)."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    names = {k for t in complete for k in t.params}
+    if len({t.value for t in complete}) < 2 or len(names) < 2:
+        return None
+    return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+
+
+def _parse(cell: str, dist) -> Any:
+    """A cell of study_csv back to its value: the choice it spells, or a number."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return next(c for c in dist.choices if override_value(c) == cell)
+    return int(cell) if isinstance(dist, IntDistribution) else float(cell)
 
 
 def override_value(v: Any) -> str:

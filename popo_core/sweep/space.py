@@ -37,6 +37,16 @@ class Param:
     grid: tuple | None = None  # the points `--sampler grid` visits
     integer: bool = False  # a range over an int key: whole numbers only
 
+    def distribution(self):
+        """The Optuna distribution `suggest` draws from (a study rebuilt from its trials' table needs it)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.choices is not None:
+            return CategoricalDistribution(list(self.choices))
+        if self.integer:
+            return IntDistribution(int(self.low), int(self.high), log=self.log)
+        return FloatDistribution(self.low, self.high, log=self.log)
+
     def suggest(self, trial) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))

@@ -1,5 +1,5 @@
-"""benchmarks/tuned_vs_grpo.py: the whole experiment of issue 25 at its smoke size, end to end and
-resumed (the full run is ~20 CPU-hours and has not been run here)."""
+"""benchmarks/tuned_vs_grpo.py: the whole experiment at its smoke size, end to end and resumed, and its
+report redrawn from the committed records alone."""
 
 import csv
 import json
@@ -33,8 +33,9 @@ def test_dry_run_states_the_cost_and_runs_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_runs_both_studies_and_confirmations_then_resumes_without_rerunning(tmp_path):
-    out, res = tmp_path / "out", tmp_path / "res"
-    proc = script("--smoke", "--out", str(out), "--results", str(res), cwd=tmp_path, env={"POPO_CACHE": str(tmp_path / "c")})
+    out, res, img = tmp_path / "out", tmp_path / "res", tmp_path / "img"
+    args = ("--smoke", "--untuned", "--out", str(out), "--results", str(res), "--img", str(img))
+    proc = script(*args, cwd=tmp_path, env={"POPO_CACHE": str(tmp_path / "c")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "estimated CPU-hours" in proc.stdout.splitlines()[1]
     for method, params in (("popo", {"algo.momentum", "algo.clip_eps", "algo.penalty_weight", "optim.lr"}),
@@ -50,12 +51,35 @@ def test_smoke_runs_both_studies_and_confirmations_then_resumes_without_rerunnin
         assert record["best"]["params"] == {k: float(v) for k, v in rows[int(record["best"]["trial"])].items() if k in params}
         run_cfg = (out / "confirm" / f"{method}-s1" / "config.yaml").read_text()
         assert f"name: {method}" in run_cfg and "seed: 1" in run_cfg
+        lr = float(record["best"]["params"]["optim.lr"])
+        assert f"lr: {lr!r}" in run_cfg or f"lr: {lr}" in run_cfg  # the best trial's, not the preset's
+        preset = json.loads((res / f"arith-confirm-{method}-preset.json").read_text())
+        assert preset["best"] is None and set(preset["seeds"]) == {"1"}
+        assert "lr: 0.0001" in (out / "confirm" / f"{method}-preset-s1" / "config.yaml").read_text()  # the preset's
+        # the figures, redrawn from the committed table
+        assert {p.name for p in (img / f"arith-study-{method}").iterdir()} >= {"history.png", "slice.png"}
         metrics = (out / "sweeps" / f"arith-{method}" / "trial-0" / "metrics.jsonl").read_text()
         assert metrics.count("eval/pass_at_1") == 3  # the objective at steps 0, 1 and 2
 
+    start = json.loads((res / "arith-warmstart.json").read_text())
+    assert start["samples"] == 4 and len(start["correct"]) == 24 and set(start["pass@k"]) == {"1", "2", "4"}
+    assert (img / "arith-tuned-passk.png").stat().st_size > 10_000
+    table = proc.stdout[proc.stdout.index("| method |"):]
+    assert table.count("| tuned POPO |") == table.count("| tuned GRPO |") == table.count("| warm start |") == 1
+    assert "| POPO preset |" in table and "| GRPO preset |" in table
+    assert "POPO study: 2 finished trials (2 complete, 0 pruned) of 2 steps" in proc.stdout
+
     stamps = {p: p.stat().st_mtime for p in out.rglob("result.json")}
-    again = script("--smoke", "--out", str(out), "--results", str(res), cwd=tmp_path, env={"POPO_CACHE": str(tmp_path / "c")})
+    again = script(*args, cwd=tmp_path, env={"POPO_CACHE": str(tmp_path / "c")})
     assert again.returncode == 0, again.stderr[-3000:]
     assert "popo_cli.main train" not in again.stdout and "popo_cli.main eval" not in again.stdout
     assert {p: p.stat().st_mtime for p in out.rglob("result.json")} == stamps  # nothing trained again
     assert len(list(csv.DictReader((res / "arith-study-grpo.csv").open()))) == 2
+    redrawn = script("--report", "--results", str(res), "--img", str(tmp_path / "img2"), cwd=tmp_path)
+    assert redrawn.returncode == 0, redrawn.stderr[-3000:]
+    assert report_text(redrawn.stdout) == report_text(again.stdout) == report_text(proc.stdout)
+    assert (tmp_path / "img2" / "arith-study-popo" / "importances.png").exists()
+
+
+def report_text(stdout: str) -> str:
+    return stdout[stdout.index("- POPO study"):stdout.index("figures in")]
