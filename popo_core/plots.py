@@ -173,21 +173,19 @@ def _every_trial_visible(fig, white_faces: bool = False) -> None:
 
 
 def _readable_log_ticks(fig) -> None:
-    """Plain numbers on log axes; matplotlib labels every minor tick of a range under a decade, and
-    those labels run into each other."""
-    import math
-
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
+    """Plain numbers on log axes, at powers of ten or, where fewer than two fall in range, at 1, 2 and
+    5 times them; matplotlib labels every minor tick of a range under a decade, and those labels run
+    into each other (and a linear locator on a log axis crowds its labels at one end)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
         for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
             if axis.get_scale() != "log" or min(lim) <= 0:
                 continue
-            decades = abs(math.log10(lim[1] / lim[0]))
-            if decades < 1:  # too few powers of ten to tick: a few plain ticks
-                axis.set_major_locator(MaxNLocator(4))
-            else:
-                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,)))
+            lo, hi = sorted(lim)
+            decades = LogLocator(subs=(1.0,))
+            two = sum(lo <= t <= hi for t in decades.tick_values(lo, hi)) >= 2
+            axis.set_major_locator(decades if two else LogLocator(subs=(1.0, 2.0, 5.0)))
             axis.set_major_formatter(FormatStrFormatter("%g"))
             axis.set_minor_formatter(NullFormatter())
 

@@ -230,3 +230,24 @@ def test_a_failing_sweep_figure_is_a_note_and_the_others_are_kept(study, monkeyp
     finally:
         for fig in figs.values():
             plt.close(fig)
+
+
+@pytest.mark.parametrize(("lim", "expected"), [
+    ((2.8e-5, 2.1e-4), [5e-5, 1e-4, 2e-4]),  # under a decade: the study's learning rates
+    ((1.2e-5, 3.5e-4), [2e-5, 5e-5, 1e-4, 2e-4]),  # one power of ten in range
+    ((8e-4, 0.3), [1e-3, 1e-2, 1e-1]),  # over two decades: powers of ten only
+    ((0.22, 0.28), [0.22, 0.23, 0.24, 0.25, 0.26, 0.27, 0.28]),  # none: matplotlib's plain ticks
+])
+def test_log_axes_get_log_spaced_plain_ticks_that_do_not_collide(lim, expected):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_xlim(*lim)
+    plots._readable_log_ticks(fig)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if lim[0] <= t <= lim[1]]
+    labels = {t.get_text() for t in ax.get_xticklabels() if lim[0] <= t.get_position()[0] <= lim[1]}
+    plt.close(fig)
+    assert ticks == pytest.approx(expected)
+    assert labels == {f"{t:g}" for t in expected}
