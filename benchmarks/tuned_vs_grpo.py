@@ -181,6 +181,13 @@ def report(a) -> str:
                     add(f"{label}, seed {seed}", rec)
     if counts and any(label.startswith("tuned GRPO") for label, _ in counts):
         lines += ["", tp.table(counts, "tuned GRPO")]
+    groups, samples = tp.by_family(counts), max((n for _, c in counts for n, _ in c.values()), default=a.samples)
+    for m in a.methods:  # what tuning bought each method, on the same seeds
+        tuned, preset = groups.get(f"tuned {m.upper()}"), groups.get(f"{m.upper()} preset")
+        if tuned and preset:
+            lines.append(f"\ntuned {m.upper()} minus {m.upper()} preset: pass@1 "
+                         f"{tp.paired_difference(tuned, preset, sorted(tuned[0][1]), 1)}, pass@{samples} "
+                         f"{tp.paired_difference(tuned, preset, sorted(tuned[0][1]), samples)}")
     if passk:
         import matplotlib
 
@@ -190,7 +197,7 @@ def report(a) -> str:
         fig = tp.passk_figure(plt, passk, tp.styler(plt, [label for label, _ in passk], reference=True), mean=True)
         seeds = len({tp.seed_of(label) for label, _ in passk} - {None})
         fig.suptitle(f"arith: each method's best of {trials} trials x {steps} steps, trained again on {seeds} seeds "
-                     f"x {confirm_steps} steps\nheld-out pass@k (T = 1.0, {a.samples} samples, unbiased), mean over "
+                     f"x {confirm_steps} steps\nheld-out pass@k (T = 1.0, {samples} samples, unbiased), mean over "
                      "seeds, band: lowest to highest seed", fontsize=10)
         fig.tight_layout()
         a.img.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def test_smoke_runs_both_studies_and_confirmations_then_resumes_without_rerunnin
     table = proc.stdout[proc.stdout.index("| method |"):]
     assert table.count("| tuned POPO |") == table.count("| tuned GRPO |") == table.count("| warm start |") == 1
     assert "| POPO preset |" in table and "| GRPO preset |" in table
+    assert "tuned POPO minus POPO preset: pass@1 " in proc.stdout and "tuned GRPO minus GRPO preset: pass@1 " in proc.stdout
     assert "POPO study: 2 finished trials (2 complete, 0 pruned) of 2 steps" in proc.stdout
 
     stamps = {p: p.stat().st_mtime for p in out.rglob("result.json")}
