@@ -185,9 +185,10 @@ def report(a) -> str:
     for m in a.methods:  # what tuning bought each method, on the same seeds
         tuned, preset = groups.get(f"tuned {m.upper()}"), groups.get(f"{m.upper()} preset")
         if tuned and preset:
+            prompts = sorted(tuned[0][1])
             lines.append(f"\ntuned {m.upper()} minus {m.upper()} preset: pass@1 "
-                         f"{tp.paired_difference(tuned, preset, sorted(tuned[0][1]), 1)}, pass@{samples} "
-                         f"{tp.paired_difference(tuned, preset, sorted(tuned[0][1]), samples)}")
+                         f"{tp.paired_difference(tuned, preset, prompts, 1)}, pass@{samples} "
+                         f"{tp.paired_difference(tuned, preset, prompts, samples)}")
     if passk:
         import matplotlib
 

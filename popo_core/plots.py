@@ -183,9 +183,9 @@ def _readable_log_ticks(fig) -> None:
             if axis.get_scale() != "log" or min(lim) <= 0:
                 continue
             lo, hi = sorted(lim)
-            decades = LogLocator(subs=(1.0,))
-            two = sum(lo <= t <= hi for t in decades.tick_values(lo, hi)) >= 2
-            axis.set_major_locator(decades if two else LogLocator(subs=(1.0, 2.0, 5.0)))
+            powers = LogLocator(subs=(1.0,))
+            two = sum(lo <= t <= hi for t in powers.tick_values(lo, hi)) >= 2
+            axis.set_major_locator(powers if two else LogLocator(subs=(1.0, 2.0, 5.0)))
             axis.set_major_formatter(FormatStrFormatter("%g"))
             axis.set_minor_formatter(NullFormatter())
 

@@ -3,6 +3,7 @@ report redrawn from the committed records alone."""
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,11 @@ def test_smoke_runs_both_studies_and_confirmations_then_resumes_without_rerunnin
     table = proc.stdout[proc.stdout.index("| method |"):]
     assert table.count("| tuned POPO |") == table.count("| tuned GRPO |") == table.count("| warm start |") == 1
     assert "| POPO preset |" in table and "| GRPO preset |" in table
-    assert "tuned POPO minus POPO preset: pass@1 " in proc.stdout and "tuned GRPO minus GRPO preset: pass@1 " in proc.stdout
+    for method in ("popo", "grpo"):  # what tuning bought, against the records: mean over prompts of c/n, tuned minus preset
+        tuned, preset = (json.loads((res / f"arith-confirm-{method}{v}.json").read_text())["seeds"]["1"] for v in ("", "-preset"))
+        diff = sum(c - preset["correct"][i] for i, c in tuned["correct"].items()) / tuned["samples"] / len(tuned["correct"])
+        shown = re.search(rf"tuned {method.upper()} minus {method.upper()} preset: pass@1 ([-+][0-9.]+) \[", proc.stdout)
+        assert shown and float(shown.group(1)) == pytest.approx(diff, abs=6e-4)
     assert "POPO study: 2 finished trials (2 complete, 0 pruned) of 2 steps" in proc.stdout
 
     stamps = {p: p.stat().st_mtime for p in out.rglob("result.json")}
