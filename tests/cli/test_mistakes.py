@@ -156,17 +156,22 @@ def _interrupt_when(proc: subprocess.Popen, metrics: Path, step: int, timeout: f
 def test_interrupt_then_resume_say_what_happens(tmp_path):
     """Ctrl-C names the step reached and the checkpoint; the rerun names the checkpoint it resumes
     from and the steps it redoes; a budget below the run's own step is refused."""
-    args = tiny_overrides(tmp_path, **{"trainer.max_steps": 400, "trainer.save_every": 4, "trainer.eval_every": 4})
+    args = tiny_overrides(tmp_path, **{"trainer.max_steps": 400, "trainer.save_every": 10, "trainer.eval_every": 4})
     cmd = [sys.executable, "-m", "popo_cli.main", "train", "tiny", *args]
+    # Ctrl-C's default action even where this test runs with SIGINT ignored (a background job of a
+    # shell without job control: Python then never raises KeyboardInterrupt, and the run completes).
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "COLUMNS": "200"})
-    _interrupt_when(proc, tmp_path / "run" / "metrics.jsonl", 6)
+                            env={**__import__("os").environ, "COLUMNS": "200"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Two steps past the checkpoint at 10 and eight before the next: on a loaded machine the run goes
+    # on for a step or two before it sees the signal, and it must not reach a checkpoint meanwhile.
+    _interrupt_when(proc, tmp_path / "run" / "metrics.jsonl", 12)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     logged = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     saved, reached = state["step"], max(logged)
-    assert saved >= 4 and saved % 4 == 0 and reached > saved
+    assert saved >= 10 and saved % 10 == 0 and reached > saved
     assert f"interrupted at step {reached}; last checkpoint at step {saved}; rerun the same command to resume" in err
     assert "Traceback" not in out + err
 
@@ -174,7 +179,7 @@ def test_interrupt_then_resume_say_what_happens(tmp_path):
     assert refused.returncode == 2 and f"already at step {saved}" in refused.stderr, refused.stderr
 
     budget = reached + 1
-    again = run_popo("train", "tiny", *tiny_overrides(tmp_path, **{"trainer.max_steps": budget, "trainer.save_every": 4,
+    again = run_popo("train", "tiny", *tiny_overrides(tmp_path, **{"trainer.max_steps": budget, "trainer.save_every": 10,
                                                                      "trainer.eval_every": 4}), cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"resuming from step {saved} (checkpoint); steps {saved + 1}..{reached} logged before the interruption are redone" \
